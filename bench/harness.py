@@ -1,0 +1,363 @@
+"""Shared benchmark harness: timing, peak memory, a copy-bandwidth ceiling, CSV rows, a text table.
+
+Timing (warm-up calls excluded, times in ms):
+  * CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (Triton is imported only here).
+  * CPU: ``torch.utils.benchmark.Timer.blocked_autorange``; median and 20/80 percentiles of the
+    per-run times of all measured blocks.
+
+Peak memory (column ``peak_extra_mem_mb``, method in ``mem_method``): the most memory in use during
+one call above what was in use just before it (outputs included, inputs and retained graphs not).
+  * CUDA ``cuda_max_allocated``: ``torch.cuda.max_memory_allocated`` after a reset, i.e. bytes held
+    by tensors of the caching allocator (not its reserved-but-free cache).
+  * CPU ``rss_hwm``: growth of the resident set size: ``VmHWM`` of /proc/self/status after
+    resetting it (``echo 5 > /proc/self/clear_refs``) and returning free heap pages to the OS
+    (``malloc_trim``), minus ``VmRSS`` before. It counts touched pages (4 KiB granularity) of
+    everything the process allocates, torch or not; there is no caching allocator on CPU.
+
+The ceiling is the bandwidth of ``out.copy_(x)`` on a preallocated tensor of the benchmark's size,
+timed the same way (2 * nbytes per call): achieved GB/s are reported as % of it.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import datetime
+import gc
+import importlib.metadata
+import os
+import re
+import subprocess
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "bench" / "results"
+QUANTILES = (0.5, 0.2, 0.8)
+
+COLUMNS = (
+    "op",
+    "provider",
+    "backend",
+    "variant",
+    "mode",
+    "shape",
+    "dtype",
+    "p50_ms",
+    "p20_ms",
+    "p80_ms",
+    "gbps",
+    "ceiling_gbps",
+    "pct_of_ceiling",
+    "subject",
+    "subject_speedup",
+    "peak_extra_mem_mb",
+    "mem_method",
+    "device",
+    "threads",
+    "torch",
+    "triton",
+    "git_sha",
+    "date",
+)  # subject_speedup = p50(this row) / p50(subject's row): > 1 means the subject is faster
+
+
+@dataclass(frozen=True)
+class TimingConfig:
+    warmup: int = 3  # calls before timing (compilation, autotuning, allocator warm-up)
+    min_run_time: float = 1.0  # CPU: seconds of blocked_autorange
+    min_samples: int = 5  # CPU: extra single runs until this many per-run times exist
+    cuda_warmup_ms: float = 25.0  # do_bench warm-up and repetition budgets
+    cuda_rep_ms: float = 100.0
+
+
+@dataclass(frozen=True)
+class Timing:
+    p50_ms: float
+    p20_ms: float
+    p80_ms: float
+
+
+@dataclass(frozen=True)
+class Env:
+    device: str  # file-name safe label, e.g. "nvidia-h100-80gb-hbm3" or "cpu-amd-epyc-2t"
+    threads: int
+    torch: str
+    triton: str
+    git_sha: str
+    date: str
+
+
+@dataclass(frozen=True)
+class Result:
+    """One measured (provider, variant, mode, shape, dtype) case; rows() derives the CSV fields."""
+
+    op: str
+    provider: str
+    backend: str
+    variant: str
+    mode: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    timing: Timing
+    nbytes: int  # byte floor of one call, for GB/s
+    ceiling_gbps: float
+    peak_mem_mb: float
+    mem_method: str
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _quantile(xs: Sequence[float], q: float) -> float:
+    s = sorted(xs)
+    pos = q * (len(s) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, cfg: TimingConfig) -> Timing:
+    """Median and 20/80 percentiles of fn's run time in ms, after ``cfg.warmup`` untimed calls."""
+    for _ in range(cfg.warmup):
+        fn()
+    _sync(device)
+    if device.type == "cuda":
+        import triton.testing
+
+        qs = triton.testing.do_bench(
+            fn, warmup=cfg.cuda_warmup_ms, rep=cfg.cuda_rep_ms, quantiles=list(QUANTILES)
+        )
+        return Timing(*(float(q) for q in qs))
+    from torch.utils import benchmark
+
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    times = list(timer.blocked_autorange(min_run_time=cfg.min_run_time).times)
+    while len(times) < cfg.min_samples:
+        times += timer.timeit(1).times
+    return Timing(*(1e3 * _quantile(times, q) for q in QUANTILES))
+
+
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> tuple[float, str]:
+    """(MiB, method): peak memory in use during one call of fn above the level before it."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - base
+        del out
+        return peak / 2**20, "cuda_max_allocated"
+    try:
+        _malloc_trim()
+        base_kb = _proc_status_kb("VmRSS")
+        with open("/proc/self/clear_refs", "w") as f:  # resets VmHWM to the current RSS
+            f.write("5")
+        out = fn()
+        peak_kb = _proc_status_kb("VmHWM") - base_kb
+        del out
+        return max(peak_kb, 0) / 1024, "rss_hwm"
+    except (OSError, KeyError):
+        return float("nan"), "unavailable"
+
+
+_COPY_CACHE: dict[tuple, float] = {}
+
+
+def copy_bandwidth_gbps(
+    numel: int, dtype: torch.dtype, device: torch.device, cfg: TimingConfig
+) -> float:
+    """GB/s (1e9 B/s) of ``out.copy_(x)`` on numel-element tensors: (read + write bytes) / p50."""
+    key = (numel, dtype, str(device), torch.get_num_threads())
+    if key not in _COPY_CACHE:
+        x = torch.randn(numel, device=device).to(dtype)
+        out = torch.empty_like(x)
+        t = time_fn(lambda: out.copy_(x), device, cfg)
+        _COPY_CACHE[key] = 2 * x.numel() * x.element_size() / (t.p50_ms * 1e-3) / 1e9
+        del x, out
+    return _COPY_CACHE[key]
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9.+]+", "-", text.lower()).strip("-").replace("+", "p")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    name = line.split(":", 1)[1]
+                    break
+            else:
+                return "unknown"
+    except OSError:
+        import platform
+
+        return platform.processor() or platform.machine() or "unknown"
+    name = re.sub(r"\((R|TM|tm|r)\)|\bCPU\b|\bProcessor\b|\d+-Core|@.*$", " ", name)
+    return " ".join(name.split()) or "unknown"
+
+
+def device_label(device: torch.device) -> str:
+    """File-name safe device name: the CUDA device name, or cpu-<model>-<threads>t."""
+    if device.type == "cuda":
+        return _slug(torch.cuda.get_device_name(device))
+    return f"cpu-{_slug(_cpu_model())}-{torch.get_num_threads()}t"
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            env={**os.environ, "GIT_OPTIONAL_LOCKS": "0"},
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def environment(device: torch.device) -> Env:
+    now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    return Env(
+        device_label(device),
+        torch.get_num_threads(),
+        torch.__version__,
+        _version("triton"),
+        _git_sha(),
+        now,
+    )
+
+
+def shape_str(shape: Sequence[int]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    return {
+        torch.float32: "fp32",
+        torch.bfloat16: "bf16",
+        torch.float16: "fp16",
+        torch.float64: "fp64",
+    }.get(dtype, str(dtype).removeprefix("torch."))
+
+
+def rows(results: Sequence[Result], env: Env, subject: str) -> list[dict]:
+    """CSV rows; subject_speedup compares each row with the subject provider's row of the same
+    op/variant/mode/shape/dtype (empty when the subject has no such row)."""
+    key = lambda r: (r.op, r.variant, r.mode, r.shape, r.dtype)  # noqa: E731
+    ref = {key(r): r.timing.p50_ms for r in results if r.provider == subject}
+    out = []
+    for r in results:
+        gbps = r.nbytes / (r.timing.p50_ms * 1e-3) / 1e9
+        sub = ref.get(key(r))
+        out.append(
+            {
+                "op": r.op,
+                "provider": r.provider,
+                "backend": r.backend,
+                "variant": r.variant,
+                "mode": r.mode,
+                "shape": shape_str(r.shape),
+                "dtype": dtype_str(r.dtype),
+                "p50_ms": f"{r.timing.p50_ms:.4f}",
+                "p20_ms": f"{r.timing.p20_ms:.4f}",
+                "p80_ms": f"{r.timing.p80_ms:.4f}",
+                "gbps": f"{gbps:.2f}",
+                "ceiling_gbps": f"{r.ceiling_gbps:.2f}",
+                "pct_of_ceiling": f"{100 * gbps / r.ceiling_gbps:.1f}",
+                "subject": subject,
+                "subject_speedup": "" if sub is None else f"{r.timing.p50_ms / sub:.3f}",
+                "peak_extra_mem_mb": f"{r.peak_mem_mb:.1f}",
+                "mem_method": r.mem_method,
+                "device": env.device,
+                "threads": env.threads,
+                "torch": env.torch,
+                "triton": env.triton,
+                "git_sha": env.git_sha,
+                "date": env.date,
+            }
+        )
+    return out
+
+
+def append_csv(path: Path, data: Sequence[dict]) -> None:
+    """Append rows to path, writing the header for a new file; refuse a file with other columns."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists() or path.stat().st_size == 0
+    if not new:
+        with open(path, newline="") as f:
+            header = next(csv.reader(f), [])
+        if tuple(header) != COLUMNS:
+            raise ValueError(f"{path} has columns {header}, expected {list(COLUMNS)}")
+    with open(path, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(data)
+
+
+TABLE = (
+    ("provider", "provider"),
+    ("backend", "backend"),
+    ("variant", "variant"),
+    ("mode", "mode"),
+    ("shape", "shape"),
+    ("dtype", "dtype"),
+    ("p50_ms", "p50 ms"),
+    ("p20_ms", "p20 ms"),
+    ("p80_ms", "p80 ms"),
+    ("gbps", "GB/s"),
+    ("pct_of_ceiling", "% copy"),
+    ("subject_speedup", "subj. speedup"),
+    ("peak_extra_mem_mb", "peak MiB"),
+)
+
+
+def format_table(data: Sequence[dict]) -> str:
+    """Plain-text table with aligned columns (numbers right-aligned)."""
+    head = [h for _, h in TABLE]
+    body = [[str(d[k]) for k, _ in TABLE] for d in data]
+    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+    numeric = [k.endswith(("_ms", "gbps", "ceiling", "speedup", "_mb")) for k, _ in TABLE]
+
+    def line(cells: Sequence[str]) -> str:
+        return "  ".join(
+            c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric, strict=True)
+        ).rstrip()
+
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([line(head), sep, *(line(r) for r in body)])

@@ -1,0 +1,65 @@
+"""Environment report: ``python -m mae3d.env`` (also ``mae3d env``).
+
+Prints torch / CUDA / Triton versions, whether the native extension loaded (and why not), and
+which backend each op will use on each device, honouring ``MAE3D_BACKEND``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import platform
+
+import torch
+
+from mae3d._ext import native, native_error
+from mae3d.ops import _backend
+
+OPS = {"masked_norm": importlib.import_module("mae3d.ops.masked_norm").backend_for}
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def report() -> str:
+    """The report as text (it imports neither Triton nor initialises CUDA beyond a device query)."""
+    import mae3d
+
+    cuda = torch.cuda.is_available()
+    lines = [
+        f"mae3d        {mae3d.__version__}",
+        f"python       {platform.python_version()} ({platform.machine()})",
+        f"torch        {torch.__version__} (CUDA build: {torch.version.cuda or 'no'})",
+        f"cuda device  {torch.cuda.get_device_name(0) if cuda else 'none'}",
+        f"triton       {_version('triton')}"
+        + (" (TRITON_INTERPRET=1: kernels run on CPU)" if _backend.triton_interpret() else ""),
+        f"threads      {torch.get_num_threads()}",
+        "extension    "
+        + ("mae3d._C loaded" if native() is not None else f"not loaded: {native_error()}"),
+        f"MAE3D_BACKEND={os.environ.get('MAE3D_BACKEND', 'auto')}",
+        "",
+        f"{'op':<16}{'device':<8}{'backend':<11}why",
+    ]
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    for op, chooser in OPS.items():
+        for dev in devices:
+            try:
+                name, why = chooser(dev)
+            except (RuntimeError, ValueError) as e:
+                name, why = "error", str(e)
+            lines.append(f"{op:<16}{dev:<8}{name:<11}{why}")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Sets up .venv in the repository and installs mae3d into it, editable, with its native extension.
+#   bash scripts/setup.sh          # runtime: torch (CPU build unless one is installed), triton
+#   bash scripts/setup.sh dev      # + test and lint tools
+# Env: PYTHON (default python3), MAE3D_TORCH (default torch==2.13.0: an unpinned torch would pull
+# a multi-GB CUDA build onto a CPU machine), MAE3D_SKIP_EXT=1 (no native build), MAX_JOBS.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+py=${PYTHON:-python3}
+extras=triton${1:+,$1}
+
+[ -x .venv/bin/python ] || "$py" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check "$@"; }
+pip install -q -U pip setuptools wheel
+.venv/bin/python -c "import torch" 2>/dev/null || pip install -q "${MAE3D_TORCH:-torch==2.13.0}"
+# the extension builds against the installed torch, so no build isolation (it would fetch another)
+pip install -q ninja numpy
+pip install -q --no-build-isolation -e ".[$extras]"
+.venv/bin/python -m mae3d.env
