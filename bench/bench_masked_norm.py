@@ -62,6 +62,7 @@ PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |reference|
+MAX_OFF_FRACTION = 1e-5  # elements allowed beyond REL_TOL (LeakyReLU kink flips, see check())
 
 
 @dataclass(frozen=True)
@@ -199,12 +200,16 @@ def check(name: str, f: Callable, inp: Inputs, ref: tuple[Tensor, ...], bwd: boo
     if bwd:
         got.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
     for what, g, r in zip(("out", "grad_x"), got, ref, strict=False):
-        err = (g.float() - r.float()).abs().max().item()
+        diff = (g.float() - r.float()).abs()
         scale = max(1.0, r.float().abs().max().item())
-        if not err <= REL_TOL.get(inp.x.dtype, 1e-4) * scale:
+        # Pre-activations within rounding of LeakyReLU's kink may take the other slope in another
+        # provider, so a handful of gradient elements legitimately differ by ~|grad|: judge the
+        # fraction of elements off, not the single worst one.
+        off = (diff > REL_TOL.get(inp.x.dtype, 1e-4) * scale).float().mean().item()
+        if not off <= MAX_OFF_FRACTION:
             print(
-                f"  WARNING {name}: max |{what} - mae3d {what}| = {err:.3g} (max |ref| "
-                f"{scale:.3g}): it does not compute the same thing as mae3d"
+                f"  WARNING {name}: {off:.2e} of {what} elements differ from mae3d's (max "
+                f"{diff.max().item():.3g}, max |ref| {scale:.3g}): not the same computation"
             )
 
 

@@ -17,7 +17,14 @@ import torch
 from mae3d._ext import native, native_error
 from mae3d.ops import _backend
 
-OPS = {"masked_norm": importlib.import_module("mae3d.ops.masked_norm").backend_for}
+OPS = {
+    name: importlib.import_module(f"mae3d.ops.{stem}").backend_for
+    for name, stem in (
+        ("masked_norm", "masked_norm"),
+        ("window_attention3d", "window_attention"),
+        ("sparse_conv3d", "sparse_conv"),
+    )
+}
 
 
 def _version(dist: str) -> str:
@@ -44,7 +51,7 @@ def report() -> str:
         + ("mae3d._C loaded" if native() is not None else f"not loaded: {native_error()}"),
         f"MAE3D_BACKEND={os.environ.get('MAE3D_BACKEND', 'auto')}",
         "",
-        f"{'op':<16}{'device':<8}{'backend':<11}why",
+        f"{'op':<20}{'device':<8}{'backend':<11}why",
     ]
     devices = ["cpu"] + (["cuda"] if cuda else [])
     for op, chooser in OPS.items():
@@ -53,7 +60,7 @@ def report() -> str:
                 name, why = chooser(dev)
             except (RuntimeError, ValueError) as e:
                 name, why = "error", str(e)
-            lines.append(f"{op:<16}{dev:<8}{name:<11}{why}")
+            lines.append(f"{op:<20}{dev:<8}{name:<11}{why}")
     return "\n".join(lines)
 
 

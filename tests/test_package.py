@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -28,14 +29,16 @@ def test_env_report_names_every_op_and_the_extension():
     out = subprocess.run([sys.executable, "-m", "mae3d.env"], check=True, capture_output=True,
                          text=True).stdout
     assert "torch" in out and "triton" in out and "extension" in out
-    assert "masked_norm" in out
+    for op in ("masked_norm", "window_attention3d", "sparse_conv3d"):
+        assert op in out
 
 
 def test_env_report_honours_override():
     env = dict(os.environ, MAE3D_BACKEND="reference")
     out = subprocess.run([sys.executable, "-m", "mae3d.env"], check=True, capture_output=True,
                          text=True, env=env).stdout
-    assert "masked_norm     cpu     reference  forced" in out
+    for op in ("masked_norm", "window_attention3d", "sparse_conv3d"):
+        assert re.search(rf"^{op}\s+cpu\s+reference\s+forced", out, re.M), out
 
 
 def test_forcing_an_unavailable_backend_says_why(monkeypatch):

@@ -14,12 +14,16 @@ import sys
 from collections.abc import Callable
 
 _MODULE = "torch.utils.flop_counter"
-_pending: list[tuple[str, Callable[..., int]]] = []
+_pending: list[tuple[str, Callable[..., int], bool]] = []
 
 
-def register_flop_formula(op_name: str, formula: Callable[..., int]) -> None:
-    """Queue ``formula(*shapes_of_args, out_shape=..., **kwargs) -> int`` for ``mae3d::op_name``."""
-    _pending.append((op_name, formula))
+def register_flop_formula(op_name: str, formula: Callable[..., int], get_raw: bool = False) -> None:
+    """Queue ``formula(*shapes_of_args, out_shape=..., **kwargs) -> int`` for ``mae3d::op_name``.
+
+    With ``get_raw`` the formula receives the arguments themselves (tensors, not shapes) and the
+    output as ``out_val``, for ops whose work depends on data such as a block mask.
+    """
+    _pending.append((op_name, formula, get_raw))
     if _MODULE in sys.modules:
         _flush(sys.modules[_MODULE])
 
@@ -28,8 +32,9 @@ def _flush(flop_counter) -> None:
     import torch
 
     while _pending:
-        name, formula = _pending.pop(0)
-        flop_counter.register_flop_formula(getattr(torch.ops.mae3d, name))(formula)
+        name, formula, get_raw = _pending.pop(0)
+        op = getattr(torch.ops.mae3d, name)
+        flop_counter.register_flop_formula(op, get_raw=get_raw)(formula)
 
 
 class _Loader(importlib.abc.Loader):

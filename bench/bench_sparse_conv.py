@@ -1,0 +1,272 @@
+"""Benchmark of ``mae3d::sparse_conv3d`` (3D conv on the active blocks of an MAE block mask).
+
+Providers, all computing the same thing on the same inputs (x zero on masked voxels, a 16^3-block
+mask of the 160^3 patch, i.e. a grid with round(ratio * cells) masked cells per sample, weight and
+bias with requires_grad):
+  mae3d        mae3d.ops.sparse_conv.sparse_conv3d (Triton on GPU, packed blocks on CPU)
+  dense_mask   F.conv3d on the whole volume, then multiplied by the output mask: what SparK and
+               S3D do (mae3d.reference.sparse_conv3d_reference is the same with a select)
+  spconv       spconv SubMConv3d / SparseConv3d on the active voxels, when spconv is installed
+               (fp16 only; stride-1 convs); the voxel list is built outside the timed region
+Passes: fwd; bwd (autograd.grad of a retained graph, fixed upstream gradient); fwd+bwd.
+TFLOP/s are effective: the FLOPs of the active output voxels (what the op computes,
+2 * Cin * Cout * k^3 per voxel, x2 for the backward) over the measured time, for every provider.
+
+Run from the repository root:
+  PYTHONPATH=. python bench/bench_sparse_conv.py --quick --threads 2   # CPU: 64^3 fwd, ~1 min
+  PYTHONPATH=. python bench/bench_sparse_conv.py                       # GPU: bf16, ResEnc-L convs
+Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns; variant =
+"<cin>-<cout>k<k>s<stride>@r<ratio>", shape = the input's BxCxDxHxW).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import importlib.util
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+
+try:
+    from bench import harness as H
+except ImportError:  # run as a script: python bench/bench_sparse_conv.py
+    import harness as H
+
+from mae3d.masking import random_block_mask, upsample_block_mask
+from mae3d.ops.sparse_conv import (
+    active_output_voxels,
+    backend_for,
+    sparse_conv3d,
+    sparse_conv3d_flops,
+)
+from mae3d.reference.sparse_conv import conv_output_size, output_voxel_mask
+
+OP = "sparse_conv3d"
+SUBJECT = "mae3d"
+BLOCK0 = 16  # mask block edge at the 160^3 input
+# (B, Cin, Cout, size, k, stride): ResEnc-L stage convs of a 160^3 patch at batch 2, and the
+# stride-2 convs between stages.
+GPU_CASES = [
+    (2, 32, 32, 160, 3, 1), (2, 64, 64, 80, 3, 1), (2, 128, 128, 40, 3, 1),
+    (2, 256, 256, 20, 3, 1), (2, 320, 320, 10, 3, 1),
+    (2, 32, 64, 160, 3, 2), (2, 64, 128, 80, 3, 2), (2, 128, 256, 40, 3, 2),
+    (2, 256, 320, 20, 3, 2),
+]
+CPU_CASES = [(2, 32, 32, 64, 3, 1), (2, 64, 64, 32, 3, 1), (2, 32, 64, 64, 3, 2)]
+QUICK_CASES = [(2, 32, 32, 64, 3, 1)]
+RATIOS = (0.0, 0.6, 0.75, 0.9)
+QUICK_RATIOS = (0.0, 0.75)
+PROVIDERS = ("mae3d", "dense_mask", "spconv")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+QUICK_PASSES = ("fwd",)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype
+    cases: tuple[tuple[int, ...], ...]
+    ratios: tuple[float, ...]
+    providers: tuple[str, ...]
+    passes: tuple[str, ...]
+    timing: H.TimingConfig
+    seed: int = 0
+
+
+def block_size_at(size: int) -> int:
+    """Block edge at a stage of ``size`` voxels: 16 at 160^3, halved per stride-2 stage, >= 1
+    (a 64^3 CPU volume keeps 16^3 blocks: a 4^3 grid)."""
+    return max(1, BLOCK0 * size // 160) if size >= 160 or size in (80, 40, 20, 10) else BLOCK0
+
+
+def make_inputs(case, ratio, cfg):
+    B, cin, cout, size, k, stride = case
+    g = torch.Generator().manual_seed(cfg.seed)
+    bs = block_size_at(size)
+    grid = -(-size // bs)
+    m = random_block_mask(B, grid, ratio, generator=g)
+    vox = upsample_block_mask(m, bs, (size,) * 3)
+    x = (torch.randn(B, cin, size, size, size, generator=g) * vox).to(cfg.device, cfg.dtype)
+    w = (torch.randn(cout, cin, k, k, k, generator=g) / (cin * k**3) ** 0.5)
+    w = w.to(cfg.device, cfg.dtype).requires_grad_()
+    b = torch.randn(cout, generator=g).to(cfg.device, cfg.dtype).requires_grad_()
+    out = conv_output_size(size, k, stride, k // 2)
+    m = m.to(cfg.device)
+    gy = torch.randn(B, cout, out, out, out, generator=g).to(cfg.device, cfg.dtype)
+    omask = output_voxel_mask(m, bs, stride, (out,) * 3)
+    return dict(x=x, xr=x.detach().clone().requires_grad_(), w=w, b=b, m=m, bs=bs, gy=gy,
+                omask=omask, k=k, stride=stride)
+
+
+def make_provider(name: str, inp: dict) -> Callable:
+    m, bs, s, k, omask = inp["m"], inp["bs"], inp["stride"], inp["k"], inp["omask"]
+    if name == "mae3d":
+        return lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2)
+    if name == "dense_mask":
+        return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
+    if name == "spconv":
+        return _spconv_provider(inp)
+    raise ValueError(name)
+
+
+def _spconv_provider(inp):
+    if importlib.util.find_spec("spconv") is None:
+        raise RuntimeError("spconv is not installed")
+    if inp["stride"] != 1 or inp["x"].dtype != torch.float16 or not inp["x"].is_cuda:
+        raise RuntimeError("compared on CUDA fp16 stride-1 convs only (spconv has no bf16)")
+    import spconv.pytorch as spconv
+
+    x, w = inp["x"], inp["w"]
+    B, cin, *spatial = x.shape
+    conv = spconv.SubMConv3d(cin, w.shape[0], inp["k"], bias=True).to(x.device, x.dtype)
+    vis = upsample_block_mask(inp["m"], inp["bs"], spatial)[:, 0]
+    idx = vis.nonzero().int()  # (N, 4) b, d, h, w
+
+    def f(xx):
+        feats = xx.permute(0, 2, 3, 4, 1)[vis]
+        st = spconv.SparseConvTensor(feats, idx, spatial, B)
+        return conv(st).dense()
+
+    return f
+
+
+def timed(f, inp, mode):
+    wrt = [inp["xr"], inp["w"], inp["b"]]
+    if mode == "fwd":
+        return lambda: f(inp["x"])
+    if mode == "bwd":
+        out = f(inp["xr"])
+        return lambda: torch.autograd.grad(out, wrt, inp["gy"], retain_graph=True)
+    return lambda: torch.autograd.grad(f(inp["xr"]), wrt, inp["gy"])
+
+
+def check(name, f, inp, ref):
+    got = f(inp["x"]).detach().float()
+    err = (got - ref).abs().max().item()
+    scale = max(1.0, ref.abs().max().item())
+    tol = 1e-4 if inp["x"].dtype == torch.float32 else 5e-2
+    if not err <= tol * scale:
+        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+
+
+def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
+    inp = make_inputs(case, ratio, cfg)
+    B, cin, cout, size, k, stride = case
+    out = conv_output_size(size, k, stride, k // 2)
+    n_act = active_output_voxels(inp["m"], inp["bs"], stride, (out,) * 3)
+    variant = f"{cin}-{cout}k{k}s{stride}@r{ratio:g}"
+    shape = (B, cin, size, size, size)
+    esize = inp["x"].element_size()
+    nbytes = (inp["x"].numel() + B * cout * out**3 + inp["w"].numel()) * esize
+    ceiling = H.copy_bandwidth_gbps(inp["x"].numel(), cfg.dtype, cfg.device, cfg.timing)
+    fns, ref = {}, None
+    for name in cfg.providers:
+        try:
+            f = make_provider(name, inp)
+            if name == SUBJECT:
+                ref = f(inp["x"]).detach().float()
+            else:
+                check(name, f, inp, ref)
+            fns[name] = f
+        except Exception as e:
+            if name == SUBJECT:
+                raise
+            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    results, tflops = [], {}
+    for mode in cfg.passes:
+        flops = sparse_conv3d_flops(tuple(inp["w"].shape), n_act, backward=False) * (
+            {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
+        for name, f in fns.items():
+            fn = timed(f, inp, mode)
+            t = H.time_fn(fn, cfg.device, cfg.timing)
+            mem, how = H.peak_memory(fn, cfg.device)
+            del fn
+            results.append(H.Result(OP, name, backend_of(name, cfg.device), variant, mode, shape,
+                                    cfg.dtype, t, nbytes, ceiling, mem, how))
+            tflops[(variant, mode, name)] = flops / (t.p50_ms * 1e-3) / 1e12
+            print(f"  {variant:<22} {mode:<7} {name:<11} {t.p50_ms:10.3f} ms "
+                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}]  {tflops[(variant, mode, name)]:7.3f} "
+                  f"eff. TFLOP/s  {mem:8.1f} MiB", flush=True)
+    del fns, inp
+    gc.collect()
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results, tflops
+
+
+def backend_of(name: str, device: torch.device) -> str:
+    return backend_for(device.type)[0] if name == SUBJECT else "torch"
+
+
+def build_config(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
+    p.add_argument("--providers", type=lambda s: tuple(s.split(",")))
+    p.add_argument("--passes", type=lambda s: tuple(s.split(",")))
+    p.add_argument("--quick", action="store_true",
+                   help="CPU: one 64^3 conv, ratios 0 and 0.75, forward only")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
+    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    timing = H.TimingConfig()
+    if a.quick:
+        timing = replace(timing, warmup=1, min_run_time=0.5, min_samples=3)
+    if a.min_run_time:
+        timing = replace(timing, min_run_time=a.min_run_time)
+    cases = GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES)
+    providers = a.providers or PROVIDERS
+    if SUBJECT not in providers:
+        providers = (SUBJECT, *providers)
+    cfg = BenchConfig(
+        device=device, dtype=DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")],
+        cases=tuple(cases), ratios=a.ratios or (QUICK_RATIOS if a.quick else RATIOS),
+        providers=providers, passes=a.passes or (QUICK_PASSES if a.quick else PASSES),
+        timing=timing, seed=a.seed)
+    return cfg, a
+
+
+def main(argv=None) -> int:
+    cfg, args = build_config(argv)
+    env = H.environment(cfg.device)
+    backend, why = backend_for(cfg.device.type)
+    print(f"{OP} on {env.device} ({H.dtype_str(cfg.dtype)}, {env.threads} threads), torch "
+          f"{env.torch}, triton {env.triton or '-'}, git {env.git_sha}")
+    print(f"mae3d backend: {backend} ({why})")
+    out = None if args.no_csv else (args.out or H.RESULTS / f"{env.device}.csv")
+    data, tfl = [], {}
+    for case in cfg.cases:
+        for ratio in cfg.ratios:
+            res, t = run_case(case, ratio, cfg)
+            rows = H.rows(res, env, SUBJECT)
+            if out is not None:
+                H.append_csv(out, rows)
+            data += rows
+            tfl.update(t)
+    print()
+    print(H.format_table(data))
+    print("\nSummary (p50; speed-up = dense_mask time / mae3d time):")
+    for d in data:
+        if d["provider"] == "dense_mask" and d["subject_speedup"]:
+            key = (d["variant"], d["mode"])
+            print(f"  {d['variant']:<22} {d['mode']:<7} {float(d['subject_speedup']):6.2f}x  "
+                  f"(mae3d {tfl[(*key, SUBJECT)]:.3f} eff. TFLOP/s)")
+    if out is not None:
+        print(f"\n{len(data)} rows appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

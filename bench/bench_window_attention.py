@@ -1,0 +1,341 @@
+"""Benchmark of ``mae3d::window_attention3d`` (Swin 3D shifted-window attention core).
+
+Providers, all computing softmax(scale q k^T + bias + shift mask) v per window on the same inputs
+(q, k, v are slices of one (B, D, H, W, 3, heads, hd) qkv tensor; the bias table and qkv require
+grad):
+  mae3d     mae3d.ops.window_attention3d (Triton on GPU, C++ on CPU, reference otherwise)
+  eager     torchvision's eager core: pad, roll, partition, matmul, + bias + mask, softmax,
+            matmul, reverse, roll back (mae3d.reference.window_attention3d_reference)
+  sdpa      the same partition, then F.scaled_dot_product_attention with bias + mask as attn_mask
+  compiled  torch.compile(eager) (GPU default; compile time excluded)
+  flex      FlexAttention under torch.compile on the partitioned windows, score_mod adds the
+            gathered bias and the shift mask (GPU only; learnable bias through its backward)
+Passes: fwd; bwd (autograd.grad of a retained graph); fwd+bwd. TFLOP/s use the matmul count of
+``window_attention3d_flops`` (forward 4 * N * window_volume * hd per head and sample, backward
+2.5x that).
+
+Run from the repository root:
+  PYTHONPATH=. python bench/bench_window_attention.py --quick --no-csv   # CPU, BertsWin batch 1
+  PYTHONPATH=. python bench/bench_window_attention.py                    # on a GPU: bf16, all
+Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    from bench import harness as H
+except ImportError:  # run as a script: python bench/bench_window_attention.py
+    import harness as H
+
+from mae3d.ops.window_attention import backend_for, window_attention3d, window_attention3d_flops
+from mae3d.reference.window_attention import (
+    _Windows,
+    region_labels,
+    table_rows,
+    window_attention3d_reference,
+    window_bias,
+)
+
+OP = "window_attention3d"
+SUBJECT = "mae3d"
+PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex")
+CPU_PROVIDERS = ("mae3d", "eager", "sdpa")
+PASSES = ("fwd", "bwd", "fwd+bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |mae3d|
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    grid: tuple[int, int, int]
+    heads: int
+    head_dim: int
+    window: tuple[int, int, int]
+    shift: tuple[int, int, int]
+
+    @property
+    def shape(self) -> tuple[int, ...]:  # q's shape
+        return (self.batch, *self.grid, self.heads, self.head_dim)
+
+    @property
+    def variant(self) -> str:
+        return f"{self.name}-w{'x'.join(map(str, self.window))}-s{'x'.join(map(str, self.shift))}"
+
+
+W7, S3, S0 = (7, 7, 7), (3, 3, 3), (0, 0, 0)
+GPU_CASES = (
+    *(Case("bertswin", b, (14, 14, 14), 12, 64, W7, s) for b in (2, 8) for s in (S0, S3)),
+    Case("swinunetr-s1", 2, (48, 48, 48), 3, 16, W7, S3),  # 96^3 input, feature 48
+    Case("swinunetr-s2", 2, (24, 24, 24), 6, 16, W7, S3),
+    Case("swinunetr-s1-hd32", 2, (48, 48, 48), 3, 32, W7, S3),
+    Case("videoswin", 1, (8, 56, 56), 3, 32, (8, 7, 7), (4, 3, 3)),
+)
+CPU_CASES = (Case("bertswin", 1, (14, 14, 14), 12, 64, W7, S0),
+             Case("bertswin", 1, (14, 14, 14), 12, 64, W7, S3))
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype
+    cases: tuple[Case, ...]
+    providers: tuple[str, ...]
+    passes: tuple[str, ...]
+    timing: H.TimingConfig
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Inputs:
+    qkv: Tensor  # (B, D, H, W, 3, heads, hd), requires_grad
+    table: Tensor  # (T, heads), requires_grad
+    grad_out: Tensor  # (B, D, H, W, heads, hd)
+
+
+def make_inputs(case: Case, cfg: BenchConfig) -> Inputs:
+    g = torch.Generator().manual_seed(cfg.seed)
+    qkv = torch.randn(case.batch, *case.grid, 3, case.heads, case.head_dim, generator=g)
+    table = torch.randn(table_rows(case.window), case.heads, generator=g) * 0.02
+    gy = torch.randn(case.shape, generator=g)
+    dev, dt = cfg.device, cfg.dtype
+    return Inputs(qkv.to(dev, dt).requires_grad_(), table.to(dev, dt).requires_grad_(),
+                  gy.to(dev, dt))
+
+
+# ------------------------------------------------------------------------------------------------
+# Baselines written for this benchmark
+# ------------------------------------------------------------------------------------------------
+def _bias_and_mask(g: _Windows, table: Tensor) -> Tensor:
+    """(nW or 1, heads, N, N) additive bias + shift mask, as eager torchvision builds them."""
+    bias = window_bias(table, g.ws)[None]
+    if sum(g.ss) > 0:
+        lab = region_labels(g.padded, g.ws, g.ss, table.device)
+        lab = lab.view(g.padded[0] // g.ws[0], g.ws[0], g.padded[1] // g.ws[1], g.ws[1],
+                       g.padded[2] // g.ws[2], g.ws[2]).permute(0, 2, 4, 1, 3, 5).flatten(3)
+        lab = lab.flatten(0, 2)  # (nW, N)
+        mask = torch.where(lab[:, :, None] != lab[:, None, :], -100.0, 0.0).to(bias.dtype)
+        bias = bias + mask[:, None]
+    return bias
+
+
+def sdpa_windows(q: Tensor, k: Tensor, v: Tensor, case: Case, table: Tensor) -> Tensor:
+    g = _Windows(q.shape, case.window, case.shift)
+    qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)  # (B, nW, heads, N, hd)
+    B, nW, nh, N, hd = qw.shape
+    mask = _bias_and_mask(g, table).expand(B, nW, nh, N, N).reshape(B * nW, nh, N, N)
+    out = F.scaled_dot_product_attention(qw.reshape(B * nW, nh, N, hd),
+                                         kw.reshape(B * nW, nh, N, hd),
+                                         vw.reshape(B * nW, nh, N, hd), attn_mask=mask)
+    return g.unwindows(out.view(B, nW, nh, N, hd))
+
+
+def flex_windows(case: Case) -> Callable:
+    from torch.nn.attention.flex_attention import flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    def fn(q, k, v, table):
+        g = _Windows(q.shape, case.window, case.shift)
+        qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)
+        B, nW, nh, N, hd = qw.shape
+        bm = _bias_and_mask(g, table)  # (nW or 1, heads, N, N), differentiable in the table
+        nb = bm.shape[0]
+
+        def score_mod(score, b, h, qi, ki):
+            return score + bm[b % nb, h, qi, ki]
+
+        out = flex(qw.reshape(B * nW, nh, N, hd), kw.reshape(B * nW, nh, N, hd),
+                   vw.reshape(B * nW, nh, N, hd), score_mod=score_mod)
+        return g.unwindows(out.view(B, nW, nh, N, hd))
+
+    return fn
+
+
+def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
+    """Forward of provider ``name`` as a function of (qkv, table)."""
+    w, s = case.window, case.shift
+
+    def split(qkv):
+        return qkv.unbind(4)
+
+    if name == "mae3d":
+        return lambda qkv, t: window_attention3d(*split(qkv), w, s, t)
+    if name == "eager":
+        return lambda qkv, t: window_attention3d_reference(*split(qkv), w, s, t)
+    if name == "sdpa":
+        return lambda qkv, t: sdpa_windows(*split(qkv), case, t)
+    if name == "compiled":
+        torch._dynamo.reset()
+        fn = torch.compile(window_attention3d_reference, dynamic=False)
+        return lambda qkv, t: fn(*split(qkv), w, s, t)
+    if name == "flex":
+        fn = flex_windows(case)
+        return lambda qkv, t: fn(*split(qkv), t)
+    raise ValueError(name)
+
+
+def timed(f: Callable, inp: Inputs, mode: str) -> Callable[[], object]:
+    wrt = [inp.qkv, inp.table]
+    if mode == "fwd":
+        return lambda: f(inp.qkv.detach(), inp.table.detach())
+    if mode == "bwd":
+        out = f(inp.qkv, inp.table)
+        return lambda: torch.autograd.grad(out, wrt, inp.grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(f(inp.qkv, inp.table), wrt, inp.grad_out)
+
+
+def nbytes(case: Case, dtype: torch.dtype, mode: str) -> int:
+    """Byte floor: forward reads q, k, v and writes out; backward reads q, k, v, out, dO and
+    writes dq, dk, dv (the table and lse are negligible)."""
+    tensor = math.prod(case.shape) * torch.empty(0, dtype=dtype).element_size()
+    return {"fwd": 4 * tensor, "bwd": 8 * tensor, "fwd+bwd": 12 * tensor}[mode]
+
+
+def flops(case: Case, mode: str) -> int:
+    fwd = window_attention3d_flops(case.shape, case.window)
+    bwd = window_attention3d_flops(case.shape, case.window, backward=True)
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def check(name: str, f: Callable, inp: Inputs, ref: Tensor) -> None:
+    got = f(inp.qkv.detach(), inp.table.detach())
+    err = (got.float() - ref.float()).abs().max().item()
+    scale = max(1.0, ref.float().abs().max().item())
+    if not err <= REL_TOL.get(ref.dtype, 1e-4) * scale:
+        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+
+
+def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
+    inp = make_inputs(case, cfg)
+    fns: dict[str, Callable] = {}
+    ref = None
+    for name in sorted(cfg.providers, key=lambda p: p != SUBJECT):
+        try:
+            f = make_provider(name, case)
+            if name == SUBJECT:
+                ref = f(inp.qkv.detach(), inp.table.detach())
+            else:
+                check(name, f, inp, ref)
+            fns[name] = f
+        except Exception as e:
+            if name == SUBJECT:
+                raise
+            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+    del ref
+    ceiling = H.copy_bandwidth_gbps(math.prod(case.shape), cfg.dtype, cfg.device, cfg.timing)
+    results = []
+    for mode in cfg.passes:
+        for name, f in fns.items():
+            try:
+                fn = timed(f, inp, mode)
+                t = H.time_fn(fn, cfg.device, cfg.timing)
+                mem, how = H.peak_memory(fn, cfg.device)
+                del fn
+            except Exception as e:
+                if name == SUBJECT:
+                    raise
+                print(f"  SKIP {name} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                continue
+            backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
+                "inductor" if name in ("compiled", "flex") else "torch")
+            results.append(H.Result(OP, name, backend, case.variant, mode, case.shape, cfg.dtype,
+                                    t, nbytes(case, cfg.dtype, mode), ceiling, mem, how))
+            tflops = flops(case, mode) / (t.p50_ms * 1e-3) / 1e12
+            print(f"  {case.variant:<28} {mode:<7} {name:<9} {t.p50_ms:10.3f} ms "
+                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB",
+                  flush=True)
+    del fns, inp
+    gc.collect()
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--providers", type=parse_list(PROVIDERS), help="comma list; default: all")
+    p.add_argument("--passes", type=parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--cases", help="comma list of case names (bertswin, swinunetr-s1, ...)")
+    p.add_argument("--quick", action="store_true",
+                   help="CPU: BertsWin batch 1, fwd and fwd+bwd, short timing")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
+    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement (default 1)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    timing = H.TimingConfig()
+    if a.quick:
+        timing = replace(timing, warmup=1, min_run_time=0.2, min_samples=3)
+    if a.min_run_time:
+        timing = replace(timing, min_run_time=a.min_run_time)
+    gpu = device.type == "cuda"
+    cases = GPU_CASES if gpu else CPU_CASES
+    if a.cases:
+        names = {s.strip() for s in a.cases.split(",")}
+        cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES) if c.name in names))
+    providers = a.providers or (PROVIDERS if gpu else CPU_PROVIDERS)
+    if not gpu:
+        providers = tuple(p for p in providers if p != "flex")  # Triton-generated: GPU only
+    if SUBJECT not in providers:
+        providers = (SUBJECT, *providers)
+    cfg = BenchConfig(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],
+                      cases=cases, providers=providers,
+                      passes=a.passes or (("fwd", "fwd+bwd") if a.quick else PASSES),
+                      timing=timing, seed=a.seed)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = build_config(argv)
+    env = H.environment(cfg.device)
+    backend, why = backend_for(cfg.device.type)
+    print(f"{OP} on {env.device} ({H.dtype_str(cfg.dtype)}, {env.threads} threads), torch "
+          f"{env.torch}, triton {env.triton or '-'}; mae3d backend: {backend} ({why})")
+    results: list[H.Result] = []
+    for case in cfg.cases:
+        results += run_case(case, cfg)
+    data = H.rows(results, env, SUBJECT)
+    print()
+    print(H.format_table(data))
+    if not args.no_csv:
+        path = args.out or H.RESULTS / f"{env.device}.csv"
+        H.append_csv(path, data)
+        print(f"\n{len(data)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
