@@ -13,9 +13,11 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="print versions, extension status and the backend of each op")
     bench = sub.add_parser("bench", help="run an op benchmark and print its table")
-    bench.add_argument("--op", default="masked_norm", choices=["masked_norm"])
-    bench.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark script")
-    args = parser.parse_args(argv)
+    bench.add_argument("--op", default="masked_norm",
+                       choices=["masked_norm", "window_attention", "sparse_conv"])
+    args, rest = parser.parse_known_args(argv)  # the rest goes to the benchmark script
+    if rest and args.cmd != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.cmd == "env":
         from mae3d.env import main as env_main
 
@@ -27,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"mae3d bench: {script} not found (benchmarks run from a source checkout)",
                   file=sys.stderr)
             return 2
-        sys.argv = [script, *args.rest]
+        sys.argv = [script, *rest]
+        sys.path.insert(0, os.path.dirname(script))  # as `python bench/bench_x.py` would
         runpy.run_path(script, run_name="__main__")
         return 0
     return 2

@@ -51,3 +51,14 @@ def test_forcing_an_unavailable_backend_says_why(monkeypatch):
     monkeypatch.setenv("MAE3D_BACKEND", "nope")
     with pytest.raises(ValueError, match="MAE3D_BACKEND"):
         mae3d.ops.masked_norm(x, None)
+
+
+def test_cli_env_and_argument_errors():
+    run = lambda *a: subprocess.run([sys.executable, "-m", "mae3d.cli", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    ok = run("env")
+    assert ok.returncode == 0 and "masked_norm" in ok.stdout
+    bad = run("env", "--bogus")
+    assert bad.returncode != 0 and "unrecognized arguments: --bogus" in bad.stderr
+    bad = run("bench", "--op", "nope")
+    assert bad.returncode != 0 and "invalid choice" in bad.stderr
