@@ -27,6 +27,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -213,16 +214,6 @@ def check(name: str, f: Callable, inp: Inputs, ref: tuple[Tensor, ...], bwd: boo
             )
 
 
-def timed(f: Callable[[Tensor], Tensor], inp: Inputs, mode: str) -> Callable[[], object]:
-    wrt = [inp.x_req, inp.weight, inp.bias]
-    if mode == "fwd":
-        return lambda: f(inp.x)
-    if mode == "bwd":
-        out = f(inp.x_req)
-        return lambda: torch.autograd.grad(out, wrt, inp.grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(f(inp.x_req), wrt, inp.grad_out)
-
-
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
     fwd = masked_norm_bytes(shape, dtype)
     bwd = masked_norm_bytes(shape, dtype, backward=True)
@@ -263,7 +254,8 @@ def run_case(variant: str, shape: tuple[int, ...], cfg: BenchConfig) -> list[H.R
             try:
                 if name == "compiled_formula" and mode == "bwd":
                     f = make_provider(name, variant, inp, donate=False)
-                fn = timed(f, inp, mode)
+                fn = H.pass_fn(mode, partial(f, inp.x), partial(f, inp.x_req),
+                               [inp.x_req, inp.weight, inp.bias], inp.grad_out)
                 t = H.time_fn(fn, cfg.device, cfg.timing)
                 mem, how = H.peak_memory(fn, cfg.device)
                 del fn
@@ -339,17 +331,6 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
     return shapes
 
 
-def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [s for s in items if s not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
-        return items
-
-    return parse
-
-
 def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -357,8 +338,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
     p.add_argument(
         "--mode", choices=("instance", "batch", "both"), default="both", help="norm variant"
     )
-    p.add_argument("--providers", type=parse_list(PROVIDERS), help="comma list; default: all")
-    p.add_argument("--passes", type=parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
+    p.add_argument("--passes", type=H.parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument("--shapes", type=parse_shapes, help='e.g. "2x64x80x80x80,2x128x40x40x40"')
     p.add_argument(
         "--quick",
@@ -400,17 +381,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
     env = H.environment(cfg.device)
-    backend, why = backend_for(cfg.device.type)
-    print(
-        f"{OP} on {env.device} ({H.dtype_str(cfg.dtype)}, {env.threads} threads), torch "
-        f"{env.torch}, triton {env.triton or '-'}, git {env.git_sha}"
-    )
-    print(f"mae3d backend: {backend} ({why})")
-    if backend == "reference":
-        print(
-            "WARNING: mae3d runs the plain-PyTorch reference backend: these are not kernel numbers"
-        )
-    out = None if args.no_csv else (args.out or H.RESULTS / f"{env.device}.csv")
+    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
+    out = H.csv_path(args, env)
     data: list[dict] = []
     for variant in cfg.variants:
         for shape in cfg.shapes:

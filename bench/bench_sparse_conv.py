@@ -27,6 +27,7 @@ import importlib.util
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -135,16 +136,6 @@ def _spconv_provider(inp):
     return f
 
 
-def timed(f, inp, mode):
-    wrt = [inp["xr"], inp["w"], inp["b"]]
-    if mode == "fwd":
-        return lambda: f(inp["x"])
-    if mode == "bwd":
-        out = f(inp["xr"])
-        return lambda: torch.autograd.grad(out, wrt, inp["gy"], retain_graph=True)
-    return lambda: torch.autograd.grad(f(inp["xr"]), wrt, inp["gy"])
-
-
 def check(name, f, inp, ref):
     got = f(inp["x"]).detach().float()
     err = (got - ref).abs().max().item()
@@ -182,7 +173,8 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
         flops = sparse_conv3d_flops(tuple(inp["w"].shape), n_act, backward=False) * (
             {"fwd": 1, "bwd": 2, "fwd+bwd": 3}[mode])
         for name, f in fns.items():
-            fn = timed(f, inp, mode)
+            fn = H.pass_fn(mode, partial(f, inp["x"]), partial(f, inp["xr"]),
+                           [inp["xr"], inp["w"], inp["b"]], inp["gy"])
             t = H.time_fn(fn, cfg.device, cfg.timing)
             mem, how = H.peak_memory(fn, cfg.device)
             del fn
@@ -241,11 +233,8 @@ def build_config(argv=None):
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
     env = H.environment(cfg.device)
-    backend, why = backend_for(cfg.device.type)
-    print(f"{OP} on {env.device} ({H.dtype_str(cfg.dtype)}, {env.threads} threads), torch "
-          f"{env.torch}, triton {env.triton or '-'}, git {env.git_sha}")
-    print(f"mae3d backend: {backend} ({why})")
-    out = None if args.no_csv else (args.out or H.RESULTS / f"{env.device}.csv")
+    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
+    out = H.csv_path(args, env)
     data, tfl = [], {}
     for case in cfg.cases:
         for ratio in cfg.ratios:

@@ -28,6 +28,7 @@ import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -188,16 +189,6 @@ def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     raise ValueError(name)
 
 
-def timed(f: Callable, inp: Inputs, mode: str) -> Callable[[], object]:
-    wrt = [inp.qkv, inp.table]
-    if mode == "fwd":
-        return lambda: f(inp.qkv.detach(), inp.table.detach())
-    if mode == "bwd":
-        out = f(inp.qkv, inp.table)
-        return lambda: torch.autograd.grad(out, wrt, inp.grad_out, retain_graph=True)
-    return lambda: torch.autograd.grad(f(inp.qkv, inp.table), wrt, inp.grad_out)
-
-
 def nbytes(case: Case, dtype: torch.dtype, mode: str) -> int:
     """Byte floor: forward reads q, k, v and writes out; backward reads q, k, v, out, dO and
     writes dq, dk, dv (the table and lse are negligible)."""
@@ -241,7 +232,9 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
     for mode in cfg.passes:
         for name, f in fns.items():
             try:
-                fn = timed(f, inp, mode)
+                fn = H.pass_fn(mode, partial(f, inp.qkv.detach(), inp.table.detach()),
+                               partial(f, inp.qkv, inp.table), [inp.qkv, inp.table],
+                               inp.grad_out)
                 t = H.time_fn(fn, cfg.device, cfg.timing)
                 mem, how = H.peak_memory(fn, cfg.device)
                 del fn
@@ -265,23 +258,12 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
     return results
 
 
-def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
-    def parse(text: str) -> tuple[str, ...]:
-        items = tuple(s.strip() for s in text.split(",") if s.strip())
-        bad = [s for s in items if s not in allowed]
-        if bad:
-            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
-        return items
-
-    return parse
-
-
 def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--providers", type=parse_list(PROVIDERS), help="comma list; default: all")
-    p.add_argument("--passes", type=parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
+    p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
+    p.add_argument("--passes", type=H.parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument("--cases", help="comma list of case names (bertswin, swinunetr-s1, ...)")
     p.add_argument("--quick", action="store_true",
                    help="CPU: BertsWin batch 1, fwd and fwd+bwd, short timing")
@@ -321,17 +303,15 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
     env = H.environment(cfg.device)
-    backend, why = backend_for(cfg.device.type)
-    print(f"{OP} on {env.device} ({H.dtype_str(cfg.dtype)}, {env.threads} threads), torch "
-          f"{env.torch}, triton {env.triton or '-'}; mae3d backend: {backend} ({why})")
+    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
     results: list[H.Result] = []
     for case in cfg.cases:
         results += run_case(case, cfg)
     data = H.rows(results, env, SUBJECT)
     print()
     print(H.format_table(data))
-    if not args.no_csv:
-        path = args.out or H.RESULTS / f"{env.device}.csv"
+    path = H.csv_path(args, env)
+    if path is not None:
         H.append_csv(path, data)
         print(f"\n{len(data)} rows appended to {path}")
     return 0

@@ -20,6 +20,7 @@ timed the same way (2 * nbytes per call): achieved GB/s are reported as % of it.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import datetime
@@ -361,3 +362,49 @@ def format_table(data: Sequence[dict]) -> str:
 
     sep = "  ".join("-" * w for w in widths)
     return "\n".join([line(head), sep, *(line(r) for r in body)])
+
+
+def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
+    """argparse type for a comma list restricted to ``allowed``."""
+
+    def parse(text: str) -> tuple[str, ...]:
+        items = tuple(s.strip() for s in text.split(",") if s.strip())
+        bad = [s for s in items if s not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"unknown {bad}; choose from {', '.join(allowed)}")
+        return items
+
+    return parse
+
+
+def pass_fn(
+    mode: str,
+    fwd: Callable[[], torch.Tensor],
+    fwd_grad: Callable[[], torch.Tensor],
+    wrt: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+) -> Callable[[], object]:
+    """The callable timed for ``mode``: "fwd" runs ``fwd`` (inputs without grad); "bwd" runs only
+    autograd.grad of one retained graph of ``fwd_grad``; "fwd+bwd" runs both."""
+    if mode == "fwd":
+        return fwd
+    if mode == "bwd":
+        out = fwd_grad()
+        return lambda: torch.autograd.grad(out, wrt, grad_out, retain_graph=True)
+    return lambda: torch.autograd.grad(fwd_grad(), wrt, grad_out)
+
+
+def print_header(op: str, env: Env, dtype: torch.dtype, backend: str, why: str) -> None:
+    """Device, versions and the backend mae3d runs, with a warning when that is the reference."""
+    print(
+        f"{op} on {env.device} ({dtype_str(dtype)}, {env.threads} threads), torch {env.torch}, "
+        f"triton {env.triton or '-'}, git {env.git_sha}"
+    )
+    print(f"mae3d backend: {backend} ({why})")
+    if backend == "reference":
+        print("WARNING: mae3d runs the plain-PyTorch reference backend: not kernel numbers")
+
+
+def csv_path(args: argparse.Namespace, env: Env) -> Path | None:
+    """Where rows go: None with --no-csv, --out if given, else bench/results/<device>.csv."""
+    return None if args.no_csv else Path(args.out or RESULTS / f"{env.device}.csv")
