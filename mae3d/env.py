@@ -23,6 +23,7 @@ OPS = {
         ("masked_norm", "masked_norm"),
         ("window_attention3d", "window_attention"),
         ("sparse_conv3d", "sparse_conv"),
+        ("assemble_token_grid", "token_grid"),
     )
 }
 

@@ -3,10 +3,18 @@
 from mae3d.ops._backend import BACKENDS, use_backend
 from mae3d.ops.masked_norm import masked_norm, masked_norm_bytes, masked_norm_flops
 from mae3d.ops.sparse_conv import sparse_conv3d, sparse_conv3d_flops
+from mae3d.ops.token_grid import (
+    assemble_token_grid,
+    assemble_token_grid_bytes,
+    assemble_token_grid_flops,
+)
 from mae3d.ops.window_attention import window_attention3d, window_attention3d_flops
 
 __all__ = [
     "BACKENDS",
+    "assemble_token_grid",
+    "assemble_token_grid_bytes",
+    "assemble_token_grid_flops",
     "masked_norm",
     "masked_norm_bytes",
     "masked_norm_flops",

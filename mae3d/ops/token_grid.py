@@ -1,0 +1,351 @@
+"""``mae3d::assemble_token_grid``: BertsWin's encoder input grid in one pass.
+
+out[b, d, h, w] = (visible_tokens[b, i] if (d, h, w) is sample b's i-th visible cell, else
+mask_token) + pos_embed[d, h, w], written once in the (B, gD, gH, gW, C) layout that
+``mae3d.nn.ShiftedWindowAttention3d`` consumes. The published model needs three full passes for
+this (``repeat``, ``scatter_``, ``+ pos_embed``); the fused forward reads the visible tokens and the
+positions once and writes the grid once, and the backward reads grad_out once and writes all three
+gradients (visible tokens, mask token, positions). See ``mae3d/reference/token_grid.py`` for the
+exact convention (raster order of the True cells, counts that differ from n_vis).
+
+The raster rank of every cell is a device-side cumulative sum of the mask (B x N int32, tiny);
+no stage syncs with the host and every shape is static, so the op works under
+torch.compile(fullgraph=True) and CUDA graphs.
+
+Backends (``backend_for``): ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1); ``indexed``
+(torch gather / scatter, any device: the CPU kernel, and the CUDA fallback without Triton);
+``reference`` (the per-sample spec). ``MAE3D_BACKEND=cpp`` selects ``indexed`` on CPU (this op has
+no C++ kernel: it is pure data movement, which torch indexing already does at memory speed).
+The mask-token gradient is summed from per-program partials in a fixed order: deterministic.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from mae3d.ops import _backend
+from mae3d.ops._flops import register_flop_formula
+from mae3d.reference.token_grid import (
+    acc_dtype,
+    assemble_token_grid_reference,
+    assemble_token_grid_reference_backward,
+    slot_index,
+)
+
+_OP = "assemble_token_grid"
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# Input checks (functional API and the op's real and fake implementations)
+# --------------------------------------------------------------------------------------------
+def _check(visible_tokens, visible_mask, mask_token, pos_embed) -> None:
+    name = "assemble_token_grid"
+    if not isinstance(visible_tokens, Tensor):
+        raise TypeError(f"{name}: visible_tokens must be a Tensor, got "
+                        f"{type(visible_tokens).__name__}")
+    if visible_tokens.dim() != 3:
+        raise ValueError(f"{name}: visible_tokens must be 3-D (B, n_vis, C), got shape "
+                         f"{tuple(visible_tokens.shape)}")
+    if visible_tokens.dtype not in _DTYPES:
+        raise TypeError(f"{name}: visible_tokens must be float32/float16/bfloat16/float64, got "
+                        f"{visible_tokens.dtype}")
+    B, _, C = visible_tokens.shape
+    if C < 1:
+        raise ValueError(f"{name}: visible_tokens must have C >= 1 channels, got {C}")
+    if not isinstance(visible_mask, Tensor):
+        raise TypeError(f"{name}: visible_mask must be a Tensor, got "
+                        f"{type(visible_mask).__name__}")
+    if visible_mask.dtype not in (torch.bool, torch.uint8):
+        raise TypeError(f"{name}: visible_mask must be bool or uint8, got {visible_mask.dtype}")
+    if visible_mask.dim() != 4 or visible_mask.shape[0] != B:
+        raise ValueError(f"{name}: visible_mask must be (B, gD, gH, gW) with B = {B} (the batch "
+                         f"of visible_tokens), got shape {tuple(visible_mask.shape)}")
+    grid = tuple(visible_mask.shape[1:])
+    if not isinstance(mask_token, Tensor):
+        raise TypeError(f"{name}: mask_token must be a Tensor, got {type(mask_token).__name__}")
+    if tuple(mask_token.shape) != (C,):
+        raise ValueError(f"{name}: mask_token must have shape (C,) = ({C},), got "
+                         f"{tuple(mask_token.shape)}")
+    if pos_embed is not None:
+        if not isinstance(pos_embed, Tensor):
+            raise TypeError(f"{name}: pos_embed must be a Tensor or None, got "
+                            f"{type(pos_embed).__name__}")
+        if tuple(pos_embed.shape) != (*grid, C):
+            raise ValueError(f"{name}: pos_embed must have shape (gD, gH, gW, C) = "
+                             f"{(*grid, C)}, got {tuple(pos_embed.shape)}")
+    for arg, t in (("visible_mask", visible_mask), ("mask_token", mask_token),
+                   ("pos_embed", pos_embed)):
+        if t is None:
+            continue
+        if arg != "visible_mask" and t.dtype not in _DTYPES:
+            raise TypeError(f"{name}: {arg} must be float32/float16/bfloat16/float64, got "
+                            f"{t.dtype}")
+        if t.device != visible_tokens.device:
+            raise ValueError(f"{name}: {arg} is on {t.device} but visible_tokens is on "
+                             f"{visible_tokens.device}")
+
+
+# --------------------------------------------------------------------------------------------
+# Backends: fwd(vis, idx, tok, pos) -> out (B, N, C); bwd(g (B, N, C), idx, n_vis, tok, pos)
+# -> (g_vis, g_tok, g_pos or None). idx is the (B, N) int32 slot index (-1 = mask token).
+# --------------------------------------------------------------------------------------------
+def _indexed_fwd(vis, idx, tok, pos):
+    B, n_vis, C = vis.shape
+    acc = acc_dtype(vis, tok, pos)
+    take = (idx >= 0)[..., None]
+    if n_vis:
+        src = idx.clamp_min(0).long()[..., None].expand(B, idx.shape[1], C)
+        y = torch.where(take, vis.gather(1, src).to(acc), tok.to(acc))
+    else:
+        y = tok.to(acc).expand(B, idx.shape[1], C)
+    if pos is not None:
+        y = y + pos.reshape(-1, C).to(acc)
+    return y.to(vis.dtype).contiguous()  # never a view of mask_token (n_vis = 0, no pos)
+
+
+def _indexed_bwd(g, idx, n_vis, tok, pos):
+    B, N, C = g.shape
+    acc = acc_dtype(g, tok, pos)
+    take = idx >= 0
+    # Masked cells scatter into a spare row n_vis that is dropped afterwards.
+    dst = torch.where(take, idx, n_vis).long()[..., None].expand(B, N, C)
+    g_vis = g.new_zeros(B, n_vis + 1, C).scatter_(1, dst, g)[:, :n_vis]
+    g_tok = torch.where(take[..., None], 0.0, g.to(acc)).sum(dim=(0, 1)).to(tok.dtype)
+    g_pos = None if pos is None else g.to(acc).sum(0).to(pos.dtype)
+    return g_vis.contiguous(), g_tok, g_pos
+
+
+def _ref_fwd(vis, idx, tok, pos):
+    # The reference takes a (B, gD, gH, gW) mask; a flat (B, 1, 1, N) view has the same raster
+    # order, and cells past the n_vis-th True one are already -1 in idx.
+    B, N = idx.shape
+    C = vis.shape[-1]
+    mask = (idx >= 0).view(B, 1, 1, N)
+    p = None if pos is None else pos.reshape(1, 1, N, C)
+    return assemble_token_grid_reference(vis, mask, tok, p).view(B, N, C)
+
+
+def _ref_bwd(g, idx, n_vis, tok, pos):
+    B, N, C = g.shape
+    mask = (idx >= 0).view(B, 1, 1, N)
+    g_vis, g_tok, g_pos = assemble_token_grid_reference_backward(
+        g.view(B, 1, 1, N, C), mask, n_vis, tok, None if pos is None else pos.reshape(1, 1, N, C))
+    return g_vis, g_tok, (None if g_pos is None else g_pos.reshape(N, C))
+
+
+def backend_for(device_type: str) -> tuple[str, str]:
+    """(backend, reason) that ``assemble_token_grid`` uses for tensors on ``device_type`` now."""
+    want = _backend.requested()
+    if want == "reference":
+        return "reference", "forced"
+    if want == "triton":
+        why_not = _backend.availability("triton", device_type, ("triton",))
+        if why_not is not None:
+            raise RuntimeError(f"mae3d.{_OP}: backend 'triton' was forced but {why_not}")
+        return "triton", "forced"
+    if want == "cpp":
+        if device_type != "cpu":
+            raise RuntimeError(f"mae3d.{_OP}: backend 'cpp' was forced but the tensors are on "
+                               f"{device_type}")
+        return "indexed", "forced cpp: this op's CPU kernel is torch gather/scatter"
+    if want == "cuda":
+        raise RuntimeError(f"mae3d.{_OP}: backend 'cuda' was forced but this op has no CUDA C++ "
+                           "kernel (it has triton, indexed)")
+    if device_type == "cuda":
+        why_not = _backend.availability("triton", device_type, ("triton",))
+        if why_not is None:
+            return "triton", "default"
+        return "indexed", f"triton: {why_not}"
+    if device_type == "cpu":
+        return "indexed", "default: torch gather/scatter"
+    return "indexed", f"no kernel for {device_type}: torch gather/scatter"
+
+
+def _impl(device_type: str):
+    name, _ = backend_for(device_type)
+    if name == "triton":
+        from mae3d.kernels import token_grid as K
+
+        return K.assemble_token_grid_fwd, K.assemble_token_grid_bwd
+    if name == "indexed":
+        return _indexed_fwd, _indexed_bwd
+    return _ref_fwd, _ref_bwd
+
+
+# --------------------------------------------------------------------------------------------
+# The registered ops
+# --------------------------------------------------------------------------------------------
+@torch.library.custom_op("mae3d::assemble_token_grid", mutates_args=())
+def _assemble_token_grid_op(
+    visible_tokens: Tensor,
+    visible_mask: Tensor,
+    mask_token: Tensor,
+    pos_embed: Optional[Tensor],
+) -> tuple[Tensor, Tensor]:
+    """Returns (grid, slot_index): grid (B, gD, gH, gW, C) contiguous in visible_tokens.dtype;
+    slot_index (B, N) int32, the visible token each cell took or -1 (saved for the backward)."""
+    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    B, n_vis, C = visible_tokens.shape
+    idx = slot_index(visible_mask, n_vis)
+    fwd, _ = _impl(visible_tokens.device.type)
+    vis = visible_tokens if visible_tokens.stride(-1) == 1 else visible_tokens.contiguous()
+    pos = None if pos_embed is None else pos_embed.contiguous()
+    out = fwd(vis, idx, mask_token.contiguous(), pos)
+    return out.view(B, *visible_mask.shape[1:], C), idx
+
+
+@_assemble_token_grid_op.register_fake
+def _(visible_tokens, visible_mask, mask_token, pos_embed):
+    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    B, _, C = visible_tokens.shape
+    grid = tuple(visible_mask.shape[1:])
+    out = visible_tokens.new_empty((B, *grid, C))
+    idx = visible_tokens.new_empty((B, math.prod(grid)), dtype=torch.int32)
+    return out, idx
+
+
+@torch.library.custom_op("mae3d::assemble_token_grid_backward", mutates_args=())
+def _assemble_token_grid_backward_op(
+    grad_out: Tensor,
+    slot_index: Tensor,
+    n_vis: int,
+    mask_token: Tensor,
+    pos_embed: Optional[Tensor],
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Returns (grad_visible_tokens (B, n_vis, C), grad_mask_token (C,), grad_pos_embed
+    (gD, gH, gW, C), or empty when ``pos_embed`` is None: its gradient is not wanted)."""
+    B, C = grad_out.shape[0], grad_out.shape[-1]
+    _, bwd = _impl(grad_out.device.type)
+    g = grad_out.contiguous().view(B, -1, C)
+    g_vis, g_tok, g_pos = bwd(g, slot_index.contiguous(), int(n_vis), mask_token, pos_embed)
+    g_pos = grad_out.new_empty(0) if g_pos is None else g_pos.reshape(pos_embed.shape)
+    return g_vis, g_tok, g_pos
+
+
+@_assemble_token_grid_backward_op.register_fake
+def _(grad_out, slot_index, n_vis, mask_token, pos_embed):
+    B, C = grad_out.shape[0], grad_out.shape[-1]
+    g_pos = grad_out.new_empty(0) if pos_embed is None else torch.empty_like(
+        pos_embed, memory_format=torch.contiguous_format)
+    return grad_out.new_empty((B, n_vis, C)), torch.empty_like(mask_token), g_pos
+
+
+def _setup_context(ctx, inputs, output):
+    visible_tokens, _, mask_token, pos_embed = inputs
+    _, idx = output
+    ctx.n_vis = visible_tokens.shape[1]
+    ctx.has_pos = pos_embed is not None
+    # Only the dtype and shape of mask_token / pos_embed are read by the backward.
+    ctx.save_for_backward(idx, mask_token, pos_embed)
+    ctx.mark_non_differentiable(idx)
+
+
+def _backward(ctx, grad_out, _grad_idx):
+    idx, mask_token, pos_embed = ctx.saved_tensors
+    want_pos = ctx.has_pos and ctx.needs_input_grad[3]
+    g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
+        grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
+    return g_vis, None, g_tok, (g_pos if want_pos else None)
+
+
+_assemble_token_grid_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# FLOP / byte formulas
+# --------------------------------------------------------------------------------------------
+def assemble_token_grid_flops(grid_shape: tuple[int, ...], has_pos: bool = True,
+                              backward: bool = False, pos_grad: bool = True) -> int:
+    """Additions on a (B, gD, gH, gW, C) grid: forward one per element with positions (none
+    without); backward one per element for the mask-token sum (counted on every element: the
+    visible ones are predicated, not skipped) plus one for the position sum when wanted."""
+    n = math.prod(grid_shape)
+    if backward:
+        return n * (2 if pos_grad else 1)
+    return n if has_pos else 0
+
+
+def assemble_token_grid_bytes(grid_shape: tuple[int, ...], n_vis: int, dtype: torch.dtype,
+                              backward: bool = False, pos_dtype: torch.dtype | None = None) -> int:
+    """Byte floor. Forward: read the visible tokens (B, n_vis, C) and the positions once, the int32
+    slot index, write the grid. Backward: read grad_out and the slot index, write the visible
+    tokens' gradient and the positions' gradient."""
+    B, C = grid_shape[0], grid_shape[-1]
+    N = math.prod(grid_shape[1:-1])
+    es = torch.empty(0, dtype=dtype).element_size()
+    pos_bytes = 0 if pos_dtype is None else N * C * torch.empty(0, dtype=pos_dtype).element_size()
+    grid_bytes = B * N * C * es
+    vis_bytes = B * n_vis * C * es
+    return grid_bytes + vis_bytes + pos_bytes + 4 * B * N
+
+
+def _fwd_flops(vis_shape, mask_shape, tok_shape, pos_shape, *args, **kwargs) -> int:
+    return assemble_token_grid_flops((vis_shape[0], *mask_shape[1:], vis_shape[2]),
+                                     has_pos=pos_shape is not None)
+
+
+def _bwd_flops(g_shape, idx_shape, n_vis, tok_shape, pos_shape, *args, **kwargs) -> int:
+    return assemble_token_grid_flops(tuple(g_shape), backward=True,
+                                     pos_grad=pos_shape is not None)
+
+
+register_flop_formula("assemble_token_grid", _fwd_flops)
+register_flop_formula("assemble_token_grid_backward", _bwd_flops)
+
+
+# --------------------------------------------------------------------------------------------
+# Functional API
+# --------------------------------------------------------------------------------------------
+def _canonical(visible_tokens, visible_mask, mask_token, pos_embed):
+    """mask_token (1, 1, C) / (1, C) -> (C,); pos_embed (1, N, C) / (N, C) / (1, gD, gH, gW, C)
+    -> (gD, gH, gW, C). Views only (differentiable, no copy)."""
+    if not (isinstance(visible_tokens, Tensor) and isinstance(visible_mask, Tensor)
+            and visible_tokens.dim() == 3 and visible_mask.dim() == 4):
+        return mask_token, pos_embed  # _check explains what is wrong
+    C = visible_tokens.shape[-1]
+    grid = tuple(visible_mask.shape[1:])
+    if isinstance(mask_token, Tensor) and mask_token.dim() > 1 and mask_token.shape[-1] == C \
+            and mask_token.numel() == C:
+        mask_token = mask_token.reshape(C)
+    if isinstance(pos_embed, Tensor) and pos_embed.shape != (*grid, C) and pos_embed.dim() >= 2 \
+            and pos_embed.shape[-1] == C and pos_embed.numel() == math.prod(grid) * C \
+            and all(s == 1 for s in pos_embed.shape[:-2]) and pos_embed.dim() in (2, 3, 5):
+        pos_embed = pos_embed.reshape(*grid, C)
+    return mask_token, pos_embed
+
+
+def assemble_token_grid(
+    visible_tokens: Tensor,
+    visible_mask: Tensor,
+    mask_token: Tensor,
+    pos_embed: Tensor | None = None,
+) -> Tensor:
+    """BertsWin's encoder input: the mask token everywhere, the visible embeddings scattered into
+    their cells, positions added; one pass forward, one pass backward.
+
+    Args:
+        visible_tokens: (B, n_vis, C) float32/float16/bfloat16 (float64 for gradcheck): sample
+            b's embeddings in raster (d-major) order of the True cells of ``visible_mask[b]``.
+            Exact-count MAE masks give every sample n_vis True cells; a sample with fewer leaves
+            its last tokens unused (zero gradient), True cells beyond the n_vis-th get the mask
+            token.
+        visible_mask: (B, gD, gH, gW) bool/uint8, True = visible.
+        mask_token: (C,) (or (1, 1, C), the published parameter's shape), any float dtype.
+        pos_embed: (gD, gH, gW, C) (or (1, N, C), the published buffer's shape), any float dtype,
+            or None. Its gradient is computed only when it requires grad.
+
+    Returns:
+        (B, gD, gH, gW, C) contiguous in visible_tokens.dtype, the layout
+        ``mae3d.nn.ShiftedWindowAttention3d`` consumes; sums are taken in float32 (float64 when
+        an input is float64) and rounded once.
+    """
+    mask_token, pos_embed = _canonical(visible_tokens, visible_mask, mask_token, pos_embed)
+    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    out, _ = torch.ops.mae3d.assemble_token_grid(visible_tokens, visible_mask, mask_token,
+                                                 pos_embed)
+    return out
