@@ -1,0 +1,219 @@
+"""Benchmark of a BertsWin pre-training step: forward + backward + AdamW step.
+
+Providers (same masks, same input, same optimizer):
+  mae3d   BertsWin on the mae3d ops (fused grid assembly, mae3d::window_attention3d)
+  eager   the same model and weights on the published eager path (repeat + scatter + add,
+          torchvision-style attention with materialised scores)
+  vitmae  mae3d.models.ViTMAE3d at the same input and patch size (skipped with a note when that
+          model is not available)
+GPU (default): the published configuration, 224^3, batch 2, bf16 autocast, l2 loss. CPU
+(--quick): a small configuration in fp32 (64^3, patch 16, dim 96, depth 2, window 2, batch 1);
+use --threads 2 for the published CPU target. Columns: step median and 20/80 percentiles, peak
+memory above the resident model/optimizer state, and tokens/s printed (B * N input patches per
+step). GB/s use the AdamW byte floor (fp32 parameters: read p, g, m, v and write p, m, v).
+
+Run from the repository root:
+  PYTHONPATH=. python bench/bench_bertswin.py --quick --threads 2 --no-csv   # CPU, small
+  PYTHONPATH=. python bench/bench_bertswin.py                                # on a GPU
+Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import importlib
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+
+try:
+    from bench import harness as H
+except ImportError:  # run as a script: python bench/bench_bertswin.py
+    import harness as H
+
+from mae3d.models.bertswin import BertsWin, bertswin_base
+from mae3d.ops.window_attention import backend_for
+
+OP = "bertswin_step"
+SUBJECT = "mae3d"
+PROVIDERS = ("mae3d", "eager", "vitmae")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    batch: int
+    img: int
+    patch: int
+    kwargs: tuple = ()  # extra BertsWin sizes (name, value) pairs; () = the published model
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (self.batch, 1, self.img, self.img, self.img)
+
+    @property
+    def tokens(self) -> int:
+        return self.batch * (self.img // self.patch) ** 3
+
+
+GPU_CASES = (Case("published", 2, 224, 16),)
+SMALL = (("embed_dim", 96), ("depth", 2), ("num_heads", 4), ("window_size", 2),
+         ("stem_base_dim", 16), ("decoder_embed_dim", 64))
+CPU_CASES = (Case("small", 1, 64, 16, SMALL),)
+
+
+def build(provider: str, case: Case, device: torch.device) -> torch.nn.Module | None:
+    torch.manual_seed(0)
+    kw = dict(case.kwargs)
+    if provider in ("mae3d", "eager"):
+        ops = "fused" if provider == "mae3d" else "eager"
+        if kw:
+            model = BertsWin(img_size=case.img, patch_size=case.patch, ops=ops, **kw)
+        else:
+            model = bertswin_base(ops=ops)
+        return model.to(device)
+    try:
+        mod = importlib.import_module("mae3d.models.vitmae")
+    except ImportError as e:
+        print(f"  SKIP vitmae: mae3d.models.vitmae is not available ({e})")
+        return None
+    if not kw:
+        return mod.vitmae_base().to(device)
+    e = kw["embed_dim"]
+    small = dict(dim=e, depth=kw["depth"], heads=kw["num_heads"], mlp_dim=4 * e,
+                 decoder_dim=48, decoder_depth=1, decoder_heads=4, decoder_mlp_dim=128)
+    return mod.ViTMAE3d(img_size=case.img, patch_size=case.patch, **small).to(device)
+
+
+def make_step(model, x, masks, dtype, device):
+    opt = torch.optim.AdamW(model.parameters(), lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05)
+    amp = (torch.autocast(device.type, dtype=dtype) if dtype != torch.float32
+           else contextlib.nullcontext())
+    state = {"i": 0}
+
+    def step():
+        mask = masks[state["i"] % len(masks)]
+        state["i"] += 1
+        with amp:
+            try:
+                out = model(x, mask=mask)
+            except TypeError:  # a model without a mask argument draws its own
+                out = model(x)
+        opt.zero_grad(set_to_none=True)
+        out.loss.backward()
+        opt.step()
+        return out.loss.detach()
+
+    step()  # materialise the optimizer state before any measurement
+    return step
+
+
+def run_case(case: Case, cfg) -> list[H.Result]:
+    device, dtype = cfg["device"], cfg["dtype"]
+    x = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    results = []
+    for provider in cfg["providers"]:
+        try:
+            model = build(provider, case, device)
+        except Exception as e:
+            if provider == SUBJECT:
+                raise
+            print(f"  SKIP {provider}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        if model is None:
+            continue
+        grid = case.img // case.patch
+        masks = [BertsWin.random_masking(_MaskOnly(grid), case.batch, device,
+                                         generator=torch.Generator().manual_seed(s))
+                 for s in range(4)]
+        try:
+            step = make_step(model, x, masks, dtype, device)
+            t = H.time_fn(step, device, cfg["timing"])
+            mem, how = H.peak_memory(step, device)
+        except Exception as e:
+            if provider == SUBJECT:
+                raise
+            print(f"  SKIP {provider}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            continue
+        n_par = sum(p.numel() for p in model.parameters())
+        nbytes = 7 * 4 * n_par
+        ceiling = H.copy_bandwidth_gbps(n_par, torch.float32, device, cfg["timing"])
+        backend = backend_for(device.type)[0] if provider == SUBJECT else "torch"
+        results.append(H.Result(OP, provider, backend, case.name, "fwd+bwd+opt", case.shape,
+                                dtype, t, nbytes, ceiling, mem, how))
+        print(f"  {case.name:<10} {provider:<7} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, "
+              f"{t.p80_ms:.2f}] {case.tokens / (t.p50_ms * 1e-3):12.1f} tokens/s "
+              f"{mem:9.1f} MiB  ({n_par / 1e6:.1f} M params)", flush=True)
+        del model, step
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+class _MaskOnly:
+    """The attributes ``BertsWin.random_masking`` reads, to draw the same masks for every
+    provider without building a model."""
+
+    def __init__(self, grid: int, ratio: float = 0.75) -> None:
+        self.grid_size = (grid, grid, grid)
+        self.mask_ratio = ratio
+        self.num_patches = grid**3
+        self.n_visible = self.num_patches - round(ratio * self.num_patches)
+
+
+def build_config(argv: list[str] | None = None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
+    p.add_argument("--quick", action="store_true", help="the small configuration, short timing")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
+    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement (default 1)")
+    p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    timing = H.TimingConfig()
+    if a.quick:
+        timing = replace(timing, warmup=1, min_run_time=0.2, min_samples=3)
+    if a.min_run_time:
+        timing = replace(timing, min_run_time=a.min_run_time)
+    gpu = device.type == "cuda"
+    providers = a.providers or PROVIDERS
+    if SUBJECT not in providers:
+        providers = (SUBJECT, *providers)
+    cfg = dict(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],
+               cases=CPU_CASES if (a.quick or not gpu) else GPU_CASES, providers=providers,
+               timing=timing)
+    return cfg, a
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, args = build_config(argv)
+    env = H.environment(cfg["device"])
+    H.print_header(OP, env, cfg["dtype"], *backend_for(cfg["device"].type))
+    results: list[H.Result] = []
+    for case in cfg["cases"]:
+        results += run_case(case, cfg)
+    data = H.rows(results, env, SUBJECT)
+    print()
+    print(H.format_table(data))
+    path = H.csv_path(args, env)
+    if path is not None:
+        H.append_csv(path, data)
+        print(f"\n{len(data)} rows appended to {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
