@@ -193,6 +193,10 @@ def _packed_fwd(x, weight, bias, block_mask, block_size, stride, padding):
         # the halo copies (a 0%-masked batch must not be slower than dense).
         return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
     bo = output_block_size(block_size, stride)
+    if bo == 1:
+        # One-voxel blocks: every window is mostly halo (27x the input for k 3) and oneDNN runs
+        # 1^3-output convs slowly; the dense conv + mask measured faster (bench_sparse_conv).
+        return _ref_fwd(x, weight, bias, block_mask, block_size, stride, padding)
     B, Cout = x.shape[0], weight.shape[0]
     _, win, _, _ = _window(x, om, bo, k, stride, padding)
     G = om.shape[1:]
@@ -219,6 +223,9 @@ def _packed_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, ha
             [1] * 3, False, [0] * 3, 1, [needs_grad_x, True, has_bias])
         return _grads(x, gx, gw, gb)
     bo = output_block_size(block_size, stride)
+    if bo == 1:  # as in the forward
+        return _ref_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias,
+                        needs_grad_x)
     xp, win, step, L = _window(x, om, bo, k, stride, padding)
     G = om.shape[1:]
     g = F.pad(grad_out, [0, G[2] * bo - out_sp[2], 0, G[1] * bo - out_sp[1],
