@@ -1,19 +1,25 @@
 // CPU kernels of mae3d::window_attention3d: Swin (shifted) window attention, one window at a time.
 //
-// Work is split into tasks (head, sample, window), grouped into small chunks run by
-// at::parallel_for. A task gathers its window's q, k, v rows into fp32 (fp64 for fp64 input)
-// buffers; the chunk's N x N logits come from one batched GEMM (at::bmm_out: MKL does the heavy
-// lifting, single-threaded inside the parallel region); then the relative-position bias and the
-// shift mask are added, softmax, @ v, and the rows are scattered back. A thread holds one chunk's
-// scores (<= ~4 MiB) at a time: the eager path instead materialises B * nW * heads of them plus
-// the gathered bias and the mask.
+// Work is split into tasks (head, sample, window) shared out by at::parallel_for. A task gathers
+// its window's q (pre-scaled), k, v rows into contiguous fp32 (fp64 for fp64 input) tiles, runs
+// the window's GEMMs through MKL (single-threaded inside the parallel region) and fused,
+// AVX2-vectorised row passes for bias, softmax and its gradient (window_attention_simd.h), and
+// scatters rows back. A thread holds one window's N x N scores at a time (N = window volume):
+// the eager path instead materialises B * nW * heads of them plus the gathered bias and the mask.
 //
-// Tasks are ordered head-major so that a thread's consecutive tasks share a head: the dense bias
-// of the window (table rows gathered through the index) is rebuilt only when the head changes.
+// Shift regions: the tokens of a window that straddles the wrap-around are ordered by region
+// label (a stable counting sort of the gather order), which makes the masked score matrix block
+// diagonal: each region is then an independent attention problem of its own n_r tokens. This
+// is torchvision's -100 mask with e^-100 rounded to exactly 0 (every row keeps its own token, so
+// the difference is ~1e-44 relative), and it skips the masked blocks' GEMM work and exps instead
+// of computing denormals (which slow every later CPU instruction that touches them).
 //
-// Backward recomputes the probabilities from the saved log-sum-exp (flash-attention style). The
-// table gradient is accumulated per task into its own partial row of length T (table rows) and
-// the partials are summed over samples and windows in a fixed order: deterministic, no atomics.
+// Backward recomputes the probabilities from the saved log-sum-exp (flash-attention style):
+// S = Q K^T, P = exp(S + bias - lse), dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO O)),
+// dQ = dS K scale, dK = dS^T (scale Q). The table gradient is deterministic without atomics:
+// windows are grouped into units of a fixed size (independent of the thread count); a unit sums
+// its windows' dS into a dense N x N tile in window order, scatters the tile once into its own
+// partial table row, and the partial rows are summed over units in a fixed order.
 //
 // Build note: with torch's OpenMP backend at::parallel_for is header-only and runs serially unless
 // this file is compiled with -fopenmp.
@@ -27,17 +33,13 @@
 #include <limits>
 #include <type_traits>
 
+#include "window_attention_simd.h"
+
 namespace mae3d {
 namespace {
 
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
-
-// torchvision adds -100 between tokens of different shift regions. Its probabilities, ~e^-100,
-// are below float's normal range: the denormals they produce slow every later CPU instruction
-// that touches them (softmax, both GEMMs) by up to 100x. -inf gives exact zeros instead; the
-// results differ by ~1e-44 relative (every row keeps its own token, so none is all -inf).
-constexpr double kMaskValue = -std::numeric_limits<double>::infinity();
 
 struct Strides {  // element strides of a (B, D, H, W, heads, head_dim) tensor, head_dim unit
   int64_t b, d, h, w, n;
@@ -90,124 +92,119 @@ struct Geometry {
     }
   }
 
-  // Offsets (without the head term) of window w's tokens in a tensor with strides s.
-  void offsets(int64_t b, int64_t w, const Strides& s, int64_t* off) const {
+  // Window w's tokens in gather order: perm (N) lists local token indices grouped by shift region
+  // (stable), start (<= 9 entries) the region boundaries; returns the number of regions. Only the
+  // last window of a shifted axis straddles the wrap-around: its tokens from local coordinate
+  // win - shift on come from the other end of the grid.
+  int64_t regions(int64_t w, int32_t* perm, int64_t* start) const {
+    const int64_t wc[3] = {w / (nwin[1] * nwin[2]), (w / nwin[2]) % nwin[1], w % nwin[2]};
+    bool split = false;
+    for (int a = 0; a < 3; ++a) split |= sft[a] > 0 && wc[a] == nwin[a] - 1;
+    start[0] = 0;
+    if (!split) {
+      for (int64_t p = 0; p < N; ++p) perm[p] = static_cast<int32_t>(p);
+      start[1] = N;
+      return 1;
+    }
+    int64_t count[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    auto label = [&](int64_t p) {
+      int l = 0;
+      for (int a = 0; a < 3; ++a) {
+        const bool hi = sft[a] > 0 && wc[a] == nwin[a] - 1 && tok[p * 3 + a] >= win[a] - sft[a];
+        l = l * 2 + (hi ? 1 : 0);
+      }
+      return l;
+    };
+    for (int64_t p = 0; p < N; ++p) ++count[label(p)];
+    int64_t pos[8], r = 0;
+    for (int l = 0, acc = 0; l < 8; acc += count[l], ++l) {
+      pos[l] = acc;
+      if (count[l] > 0) start[++r] = acc + count[l];
+    }
+    for (int64_t p = 0; p < N; ++p) perm[pos[label(p)]++] = static_cast<int32_t>(p);
+    return r;
+  }
+
+  // Offsets (without the head term) of window w's tokens, in perm order, in a tensor with
+  // strides s.
+  void offsets(int64_t b, int64_t w, const int32_t* perm, const Strides& s, int64_t* off) const {
     const int64_t wc[3] = {w / (nwin[1] * nwin[2]), (w / nwin[2]) % nwin[1], w % nwin[2]};
     const int64_t grid[3] = {D, H, W};
-    for (int64_t p = 0; p < N; ++p) {
+    const int64_t st[3] = {s.d, s.h, s.w};
+    for (int64_t i = 0; i < N; ++i) {
+      const int64_t p = perm[i];
       int64_t o = b * s.b;
-      const int64_t st[3] = {s.d, s.h, s.w};
       for (int a = 0; a < 3; ++a) {
         // Rolled position wc*win + local maps back to the unrolled grid position + shift.
         o += ((wc[a] * win[a] + tok[p * 3 + a] + sft[a]) % grid[a]) * st[a];
       }
-      off[p] = o;
+      off[i] = o;
     }
   }
-
-  // Region label of each token of window w; returns false when all tokens share one region.
-  bool labels(int64_t w, int32_t* lab) const {
-    const int64_t wc[3] = {w / (nwin[1] * nwin[2]), (w / nwin[2]) % nwin[1], w % nwin[2]};
-    bool split = false;
-    for (int a = 0; a < 3; ++a) split |= sft[a] > 0 && wc[a] == nwin[a] - 1;
-    for (int64_t p = 0; p < N; ++p) {
-      int32_t l = 0;
-      for (int a = 0; a < 3; ++a) {
-        // Only the last window of a shifted axis straddles the wrap-around: tokens from its
-        // local coordinate win - shift on come from the other end of the grid.
-        const bool hi = sft[a] > 0 && wc[a] == nwin[a] - 1 && tok[p * 3 + a] >= win[a] - sft[a];
-        l = l * 2 + (hi ? 1 : 0);
-      }
-      lab[p] = l;
-    }
-    return split;
-  }
-};
-
-// Tasks are processed in chunks of consecutive tasks: one batched GEMM / exp call per chunk
-// rather than per window. Small per-window calls make torch fork and join its intra-op threads
-// hundreds of times per op when this file runs outside a parallel region (a build without
-// -fopenmp), which costs milliseconds each on a busy machine. A chunk's scores stay <= ~4 MiB
-// of floats, far below all windows' scores, and chunks stay numerous enough to share out.
-int64_t chunk_size(const Geometry& g, int64_t tasks) {
-  const int64_t by_mem = std::max<int64_t>(1, (int64_t(1) << 20) / (g.N * g.N));
-  const int64_t by_par = std::max<int64_t>(1, tasks / (4 * int64_t(at::get_num_threads())));
-  return std::min<int64_t>({by_mem, by_par, 16});
-}
-
-// Per-thread scratch: dense bias of the current head, token offsets and labels of the chunk.
-template <typename A>
-struct Scratch {
-  at::Tensor bias;  // (N, N)
-  int64_t bias_head = -1;
-  std::vector<int64_t> off_q, off_k, off_v, off_o, off_l;  // (chunk, N) each
-  std::vector<int32_t> lab;                                // (chunk, N)
-  std::vector<char> split;                                 // (chunk,)
-
-  Scratch(const Geometry& g, int64_t chunk, const at::TensorOptions& opts)
-      : off_q(chunk * g.N), off_k(chunk * g.N), off_v(chunk * g.N), off_o(chunk * g.N),
-        off_l(chunk * g.N), lab(chunk * g.N), split(chunk) {
-    if (!g.idx.empty()) bias = at::empty({g.N, g.N}, opts);
-  }
-
-  void ensure_bias(const Geometry& g, const A* table, int64_t h) {
-    if (table == nullptr || bias_head == h) return;
-    A* bp = bias.data_ptr<A>();
-    const int64_t NN = g.N * g.N;
-    for (int64_t e = 0; e < NN; ++e) bp[e] = table[int64_t(g.idx[e]) * g.nh + h];
-    bias_head = h;
-  }
-};
-
-struct Task {
-  int64_t h, b, w;
-  Task(const Geometry& g, int64_t t)
-      : h(t / (g.B * g.nW)), b((t / g.nW) % g.B), w(t % g.nW) {}
 };
 
 template <typename S, typename A>
 void gather(const S* src, const int64_t* off, int64_t head_off, int64_t N, int64_t hd, A mul,
             A* dst) {
+  constexpr int64_t kAhead = 4;  // rows: window rows are scattered, the prefetcher can't guess
   for (int64_t p = 0; p < N; ++p) {
+    if (p + kAhead < N) {
+      const char* next = reinterpret_cast<const char*>(src + off[p + kAhead] + head_off);
+      for (int64_t bytes = 0; bytes < hd * int64_t(sizeof(S)); bytes += 64) {
+        __builtin_prefetch(next + bytes);
+      }
+    }
     const S* row = src + off[p] + head_off;
     A* out = dst + p * hd;
     for (int64_t c = 0; c < hd; ++c) out[c] = static_cast<A>(row[c]) * mul;
   }
 }
 
+// dst rows = src rows * mul (* rowmul[p] when rowmul is not null).
 template <typename S, typename A>
 void scatter(const A* src, const int64_t* off, int64_t head_off, int64_t N, int64_t hd, A mul,
-             S* dst) {
+             const A* rowmul, S* dst) {
   for (int64_t p = 0; p < N; ++p) {
     const A* row = src + p * hd;
     S* out = dst + off[p] + head_off;
-    for (int64_t c = 0; c < hd; ++c) out[c] = static_cast<S>(row[c] * mul);
+    const A m = rowmul != nullptr ? mul * rowmul[p] : mul;
+    for (int64_t c = 0; c < hd; ++c) out[c] = static_cast<S>(row[c] * m);
   }
 }
 
-// logits += bias (+ mask), then logits -= sub[i] per row: one window's (N, N) logits.
+// Per-thread state: the current window's gather order and the dense bias of the current head.
 template <typename A>
-void add_bias_mask(int64_t N, const A* bias, const int32_t* lab, bool split, const A* sub,
-                   A* s) {
-  for (int64_t i = 0; i < N; ++i) {
-    A* row = s + i * N;
-    if (bias != nullptr) {
-      const A* brow = bias + i * N;
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] += brow[j];
-    }
-    if (split) {
-      const int32_t li = lab[i];
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] += lab[j] != li ? A(kMaskValue) : A(0);
-    }
-    if (sub != nullptr) {
-      const A m = sub[i];
-#pragma omp simd
-      for (int64_t j = 0; j < N; ++j) row[j] -= m;
-    }
+struct Window {
+  const Geometry& g;
+  std::vector<int32_t> perm;
+  int64_t start[9];
+  int64_t nreg = 0;
+  std::vector<A> dense, rbias;  // (N, N) bias of head `head`; a region's (n, n) bias
+  int64_t head = -1;
+
+  Window(const Geometry& geo) : g(geo), perm(geo.N) {
+    if (!g.idx.empty()) dense.resize(g.N * g.N), rbias.resize(g.N * g.N);
   }
-}
+
+  void set(int64_t w) { nreg = g.regions(w, perm.data(), start); }
+
+  // Row-major bias of region r (ld = its size), or null without a table.
+  const A* bias(const A* table, int64_t h, int64_t r) {
+    if (table == nullptr) return nullptr;
+    const int64_t N = g.N;
+    if (head != h) {
+      for (int64_t e = 0; e < N * N; ++e) dense[e] = table[int64_t(g.idx[e]) * g.nh + h];
+      head = h;
+    }
+    if (nreg == 1) return dense.data();
+    const int64_t r0 = start[r], n = start[r + 1] - r0;
+    for (int64_t i = 0; i < n; ++i) {
+      const A* src = dense.data() + int64_t(perm[r0 + i]) * N;
+      for (int64_t j = 0; j < n; ++j) rbias[i * n + j] = src[perm[r0 + j]];
+    }
+    return rbias.data();
+  }
+};
 
 template <typename S>
 void fwd_kernel(const Geometry& g, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -220,75 +217,49 @@ void fwd_kernel(const Geometry& g, const at::Tensor& q, const at::Tensor& k, con
   const A* tp = table.defined() ? table.data_ptr<A>() : nullptr;
   const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v), so = strides_of(out);
   const Strides sl = strides_of(lse);
-  const int64_t N = g.N, hd = g.hd, NN = N * N, tasks = g.nh * g.B * g.nW;
-  const int64_t chunk = chunk_size(g, tasks), chunks = (tasks + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> sc(g, chunk, opts);
-    at::Tensor qb = at::empty({chunk, N, hd}, opts), kb = at::empty({chunk, N, hd}, opts);
-    at::Tensor vb = at::empty({chunk, N, hd}, opts), ob = at::empty({chunk, N, hd}, opts);
-    at::Tensor sb = at::empty({chunk, N, N}, opts);
-    std::vector<A> rmax(N);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t t0 = c * chunk, C = std::min(chunk, tasks - t0);
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        int64_t* oq = sc.off_q.data() + x * N;
-        int64_t* ok = sc.off_k.data() + x * N;
-        int64_t* ov = sc.off_v.data() + x * N;
-        g.offsets(T.b, T.w, sq, oq);
-        g.offsets(T.b, T.w, sk, ok);
-        g.offsets(T.b, T.w, sv, ov);
-        g.offsets(T.b, T.w, so, sc.off_o.data() + x * N);
-        g.offsets(T.b, T.w, sl, sc.off_l.data() + x * N);
-        sc.split[x] = g.labels(T.w, sc.lab.data() + x * N);
-        gather(qp, oq, T.h * sq.n, N, hd, A(scale), qb.data_ptr<A>() + x * N * hd);
-        gather(kp, ok, T.h * sk.n, N, hd, A(1), kb.data_ptr<A>() + x * N * hd);
-        gather(vp, ov, T.h * sv.n, N, hd, A(1), vb.data_ptr<A>() + x * N * hd);
-      }
-      at::Tensor sC = sb.narrow(0, 0, C), qC = qb.narrow(0, 0, C), kC = kb.narrow(0, 0, C);
-      at::Tensor vC = vb.narrow(0, 0, C), oC = ob.narrow(0, 0, C);
-      at::bmm_out(sC, qC, kC.transpose(1, 2));
-      A* s_all = sb.data_ptr<A>();
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        sc.ensure_bias(g, tp, T.h);
-        A* s = s_all + x * NN;
-        add_bias_mask<A>(N, tp ? sc.bias.template data_ptr<A>() : nullptr,
-                         sc.lab.data() + x * N, sc.split[x], nullptr, s);
-        for (int64_t i = 0; i < N; ++i) {
-          A m = -std::numeric_limits<A>::infinity();
-          const A* row = s + i * N;
-#pragma omp simd reduction(max : m)
-          for (int64_t j = 0; j < N; ++j) m = std::max(m, row[j]);
-          rmax[i] = m;
+  const int64_t N = g.N, hd = g.hd, tasks = g.nh * g.B * g.nW;
+  // Tasks are head-major: a thread's consecutive tasks share a head and its dense bias.
+  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+    Window<A> win(g);
+    std::vector<A> qb(N * hd), kb(N * hd), vb(N * hd), ob(N * hd), sb(N * N), inv(N);
+    std::vector<int64_t> oq(N), ok(N), ov(N), oo(N), ol(N);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t h = t / (g.B * g.nW), b = (t / g.nW) % g.B, w = t % g.nW;
+      win.set(w);
+      const int32_t* perm = win.perm.data();
+      g.offsets(b, w, perm, sq, oq.data());
+      g.offsets(b, w, perm, sk, ok.data());
+      g.offsets(b, w, perm, sv, ov.data());
+      g.offsets(b, w, perm, so, oo.data());
+      g.offsets(b, w, perm, sl, ol.data());
+      gather(qp, oq.data(), h * sq.n, N, hd, A(scale), qb.data());
+      gather(kp, ok.data(), h * sk.n, N, hd, A(1), kb.data());
+      gather(vp, ov.data(), h * sv.n, N, hd, A(1), vb.data());
+      for (int64_t r = 0; r < win.nreg; ++r) {
+        const int64_t r0 = win.start[r], n = win.start[r + 1] - r0;
+        A* s = sb.data();
+        wa::mm<A>(opts, n, n, hd, qb.data() + r0 * hd, hd, false, kb.data() + r0 * hd, hd, true,
+                  s, n);
+        const A* bias = win.bias(tp, h, r);
+        for (int64_t i = 0; i < n; ++i) {
+          A m;
+          const A sum = wa::softmax_row<A>(s + i * n, bias ? bias + i * n : nullptr, n, m);
+          inv[r0 + i] = A(1) / sum;
+          lp[ol[r0 + i] + h] = m + std::log(sum);
         }
-        add_bias_mask<A>(N, nullptr, nullptr, false, rmax.data(), s);
-        // lse = max + log(sum): the max now, the log of the row sum after the exp below.
-        for (int64_t i = 0; i < N; ++i) lp[sc.off_l[x * N + i] + T.h] = rmax[i];
+        // Unnormalised P @ V; rows are divided by their sums on the way out.
+        wa::mm<A>(opts, n, hd, n, s, n, false, vb.data() + r0 * hd, hd, false,
+                  ob.data() + r0 * hd, hd);
       }
-      sC.exp_();  // torch's vectorised exp; a scalar std::exp loop would dominate the runtime
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        A* s = s_all + x * NN;
-        for (int64_t i = 0; i < N; ++i) {
-          A* row = s + i * N;
-          A sum = 0;
-#pragma omp simd reduction(+ : sum)
-          for (int64_t j = 0; j < N; ++j) sum += row[j];
-          const A inv = A(1) / sum;
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) row[j] *= inv;
-          lp[sc.off_l[x * N + i] + T.h] += std::log(sum);
-        }
-      }
-      at::bmm_out(oC, sC, vC);
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        scatter(ob.data_ptr<A>() + x * N * hd, sc.off_o.data() + x * N, T.h * so.n, N, hd, A(1),
-                op);
-      }
+      scatter(ob.data(), oo.data(), h * so.n, N, hd, A(1), inv.data(), op);
     }
   });
+}
+
+// Windows per backward unit (the table-gradient granule): fixed by the problem, never by the
+// thread count, so the partial sums and their order are the same for every thread count.
+int64_t unit_windows(const Geometry& g) {
+  return std::clamp<int64_t>(g.B * g.nW * g.nh / 64, 1, std::min<int64_t>(8, g.nW));
 }
 
 template <typename S>
@@ -307,97 +278,75 @@ void bwd_kernel(const Geometry& g, const at::Tensor& dout, const at::Tensor& q,
   const Strides sq = strides_of(q), sk = strides_of(k), sv = strides_of(v);
   const Strides sg = strides_of(dout), so = strides_of(out), sd = strides_of(dq);
   const Strides sl = strides_of(lse);
-  const int64_t N = g.N, hd = g.hd, NN = N * N, tasks = g.nh * g.B * g.nW;
-  const int64_t chunk = chunk_size(g, tasks), chunks = (tasks + chunk - 1) / chunk;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    Scratch<A> sc(g, chunk, opts);
-    std::vector<int64_t> off_g(chunk * N), off_d(chunk * N);
-    at::Tensor qb = at::empty({chunk, N, hd}, opts), kb = at::empty({chunk, N, hd}, opts);
-    at::Tensor vb = at::empty({chunk, N, hd}, opts), gb = at::empty({chunk, N, hd}, opts);
-    at::Tensor xb = at::empty({chunk, N, hd}, opts), ob = at::empty({N, hd}, opts);
-    at::Tensor pb = at::empty({chunk, N, N}, opts), dpb = at::empty({chunk, N, N}, opts);
-    std::vector<A> delta(chunk * N), row_lse(N);
-    for (int64_t c = begin; c < end; ++c) {
-      const int64_t t0 = c * chunk, C = std::min(chunk, tasks - t0);
-      A* p_all = pb.data_ptr<A>();
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        int64_t* oq = sc.off_q.data() + x * N;
-        int64_t* ok = sc.off_k.data() + x * N;
-        int64_t* ov = sc.off_v.data() + x * N;
-        int64_t* oo = sc.off_o.data() + x * N;
-        int64_t* ol = sc.off_l.data() + x * N;
-        g.offsets(T.b, T.w, sq, oq);
-        g.offsets(T.b, T.w, sk, ok);
-        g.offsets(T.b, T.w, sv, ov);
-        g.offsets(T.b, T.w, so, oo);
-        g.offsets(T.b, T.w, sl, ol);
-        g.offsets(T.b, T.w, sg, off_g.data() + x * N);
-        g.offsets(T.b, T.w, sd, off_d.data() + x * N);
-        sc.split[x] = g.labels(T.w, sc.lab.data() + x * N);
-        gather(qp, oq, T.h * sq.n, N, hd, A(scale), qb.data_ptr<A>() + x * N * hd);
-        gather(kp, ok, T.h * sk.n, N, hd, A(1), kb.data_ptr<A>() + x * N * hd);
-        gather(vp, ov, T.h * sv.n, N, hd, A(1), vb.data_ptr<A>() + x * N * hd);
-        A* gq = gb.data_ptr<A>() + x * N * hd;
-        gather(gp, off_g.data() + x * N, T.h * sg.n, N, hd, A(1), gq);
-        gather(op, oo, T.h * so.n, N, hd, A(1), ob.data_ptr<A>());
-        const A* oq_rows = ob.data_ptr<A>();
+  const int64_t N = g.N, hd = g.hd, NN = N * N;
+  const int64_t per = unit_windows(g), groups = (g.nW + per - 1) / per;
+  const int64_t units = g.nh * g.B * groups;  // head-major, like the forward's tasks
+  at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
+    Window<A> win(g);
+    std::vector<A> qb(N * hd), kb(N * hd), vb(N * hd), gb(N * hd), ob(N * hd);
+    std::vector<A> dqb(N * hd), dkb(N * hd), dvb(N * hd), pb(NN), dpb(NN);
+    std::vector<A> acc(tp != nullptr ? NN : 0), delta(N), row_lse(N);
+    std::vector<int64_t> oq(N), ok(N), ov(N), og(N), oo(N), ol(N), od(N);
+    for (int64_t u = begin; u < end; ++u) {
+      const int64_t h = u / (g.B * groups), b = (u / groups) % g.B, grp = u % groups;
+      std::fill(acc.begin(), acc.end(), A(0));
+      for (int64_t w = grp * per; w < std::min(g.nW, (grp + 1) * per); ++w) {
+        win.set(w);
+        const int32_t* perm = win.perm.data();
+        g.offsets(b, w, perm, sq, oq.data());
+        g.offsets(b, w, perm, sk, ok.data());
+        g.offsets(b, w, perm, sv, ov.data());
+        g.offsets(b, w, perm, sg, og.data());
+        g.offsets(b, w, perm, so, oo.data());
+        g.offsets(b, w, perm, sl, ol.data());
+        g.offsets(b, w, perm, sd, od.data());
+        gather(qp, oq.data(), h * sq.n, N, hd, A(scale), qb.data());
+        gather(kp, ok.data(), h * sk.n, N, hd, A(1), kb.data());
+        gather(vp, ov.data(), h * sv.n, N, hd, A(1), vb.data());
+        gather(gp, og.data(), h * sg.n, N, hd, A(1), gb.data());
+        gather(op, oo.data(), h * so.n, N, hd, A(1), ob.data());
         for (int64_t i = 0; i < N; ++i) {
-          A acc = 0;
-#pragma omp simd reduction(+ : acc)
-          for (int64_t e = 0; e < hd; ++e) acc += gq[i * hd + e] * oq_rows[i * hd + e];
-          delta[x * N + i] = acc;  // rowsum(dO * O) = rowsum(dP * P): the softmax correction
+          A d = 0;
+          const A *gi = gb.data() + i * hd, *oi = ob.data() + i * hd;
+          for (int64_t e = 0; e < hd; ++e) d += gi[e] * oi[e];
+          delta[i] = d;  // rowsum(dO * O) = rowsum(dP * P): the softmax correction
+          row_lse[i] = lp[ol[i] + h];
         }
-      }
-      at::Tensor pC = pb.narrow(0, 0, C), dpC = dpb.narrow(0, 0, C), xC = xb.narrow(0, 0, C);
-      at::Tensor qC = qb.narrow(0, 0, C), kC = kb.narrow(0, 0, C), vC = vb.narrow(0, 0, C);
-      at::Tensor gC = gb.narrow(0, 0, C);
-      at::bmm_out(pC, qC, kC.transpose(1, 2));
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        sc.ensure_bias(g, tp, T.h);
-        for (int64_t i = 0; i < N; ++i) row_lse[i] = lp[sc.off_l[x * N + i] + T.h];
-        add_bias_mask<A>(N, tp ? sc.bias.template data_ptr<A>() : nullptr,
-                         sc.lab.data() + x * N, sc.split[x], row_lse.data(), p_all + x * NN);
-      }
-      pC.exp_();  // P = exp(S - lse), recomputed
-      at::bmm_out(xC, pC.transpose(1, 2), gC);  // dV = P^T dO
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        scatter(xb.data_ptr<A>() + x * N * hd, off_d.data() + x * N, T.h * sd.n, N, hd, A(1),
-                dvp);
-      }
-      at::bmm_out(dpC, gC, vC.transpose(1, 2));  // dP = dO V^T
-      A* ds_all = dpb.data_ptr<A>();
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        A* ds = ds_all + x * NN;
-        const A* p = p_all + x * NN;
-        for (int64_t i = 0; i < N; ++i) {
-          A* drow = ds + i * N;
-          const A* prow = p + i * N;
-          const A di = delta[x * N + i];
-#pragma omp simd
-          for (int64_t j = 0; j < N; ++j) drow[j] = prow[j] * (drow[j] - di);
+        for (int64_t r = 0; r < win.nreg; ++r) {
+          const int64_t r0 = win.start[r], n = win.start[r + 1] - r0;
+          const A *qr = qb.data() + r0 * hd, *kr = kb.data() + r0 * hd;
+          const A *vr = vb.data() + r0 * hd, *gr = gb.data() + r0 * hd;
+          A *p = pb.data(), *ds = dpb.data();
+          wa::mm<A>(opts, n, n, hd, qr, hd, false, kr, hd, true, p, n);  // S = (scale Q) K^T
+          const A* bias = win.bias(tp, h, r);
+          for (int64_t i = 0; i < n; ++i) {  // P = exp(S + bias - lse), recomputed
+            wa::exp_row<A>(p + i * n, bias ? bias + i * n : nullptr, row_lse[r0 + i], n);
+          }
+          wa::mm<A>(opts, n, hd, n, p, n, true, gr, hd, false, dvb.data() + r0 * hd, hd);
+          wa::mm<A>(opts, n, n, hd, gr, hd, false, vr, hd, true, ds, n);  // dP = dO V^T
+          const bool dense_acc = tp != nullptr && win.nreg == 1;
+          for (int64_t i = 0; i < n; ++i) {  // dS = P (dP - delta), summed into acc
+            wa::ds_row<A>(ds + i * n, p + i * n, delta[r0 + i],
+                          dense_acc ? acc.data() + i * N : nullptr, n);
+          }
+          if (tp != nullptr && !dense_acc) {
+            for (int64_t i = 0; i < n; ++i) {
+              A* arow = acc.data() + int64_t(perm[r0 + i]) * N;
+              const A* drow = ds + i * n;
+              for (int64_t j = 0; j < n; ++j) arow[perm[r0 + j]] += drow[j];
+            }
+          }
+          wa::mm<A>(opts, n, hd, n, ds, n, false, kr, hd, false, dqb.data() + r0 * hd, hd);
+          wa::mm<A>(opts, n, hd, n, ds, n, true, qr, hd, false, dkb.data() + r0 * hd, hd);
         }
-        if (pp != nullptr) {
-          // The task's own partial row (h, b * nW + w, T); summed in a fixed order afterwards.
-          A* part = pp + (T.h * g.B * g.nW + T.b * g.nW + T.w) * g.T;
-          std::fill(part, part + g.T, A(0));
-          for (int64_t e = 0; e < NN; ++e) part[g.idx[e]] += ds[e];
-        }
+        scatter(dqb.data(), od.data(), h * sd.n, N, hd, A(scale), (const A*)nullptr, dqp);
+        scatter(dkb.data(), od.data(), h * sd.n, N, hd, A(1), (const A*)nullptr, dkp);
+        scatter(dvb.data(), od.data(), h * sd.n, N, hd, A(1), (const A*)nullptr, dvp);
       }
-      at::bmm_out(xC, dpC, kC);  // dQ = dS K * scale
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        scatter(xb.data_ptr<A>() + x * N * hd, off_d.data() + x * N, T.h * sd.n, N, hd,
-                A(scale), dqp);
-      }
-      at::bmm_out(xC, dpC.transpose(1, 2), qC);  // dK = dS^T (scale Q)
-      for (int64_t x = 0; x < C; ++x) {
-        const Task T(g, t0 + x);
-        scatter(xb.data_ptr<A>() + x * N * hd, off_d.data() + x * N, T.h * sd.n, N, hd, A(1),
-                dkp);
+      if (pp != nullptr) {  // the unit's own partial row (h, b * groups + grp, T)
+        A* part = pp + u * g.T;
+        std::fill(part, part + g.T, A(0));
+        for (int64_t e = 0; e < NN; ++e) part[g.idx[e]] += acc[e];
       }
     }
   });
@@ -474,20 +423,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention3d_bw
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
   at::Tensor partial, dtable;
-  if (tab.defined()) partial = at::empty({g.nh, g.B * g.nW, g.T}, q.options().dtype(acc));
+  const int64_t parts = g.B * ((g.nW + unit_windows(g) - 1) / unit_windows(g));
+  if (tab.defined()) partial = at::empty({g.nh, parts, g.T}, q.options().dtype(acc));
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "wa3d_bwd", [&] {
       bwd_kernel<scalar_t>(g, grad_out, q, k, v, out, lse, tab, dq, dk, dv, partial, scale);
     });
   }
   if (!tab.defined()) return {dq, dk, dv, at::empty({0}, q.options())};
-  // Fixed-order sum of the per-task partials: (heads, B * nW, T) -> (T, heads).
+  // Fixed-order sum of the per-unit partials: (heads, parts, T) -> (T, heads).
   at::Tensor red = at::zeros({g.T, g.nh}, q.options().dtype(acc));
   if (q.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc, "wa3d_table", [&] {
       const scalar_t* pp = partial.data_ptr<scalar_t>();
       scalar_t* rp = red.data_ptr<scalar_t>();
-      const int64_t parts = g.B * g.nW, T = g.T, nh = g.nh;
+      const int64_t T = g.T, nh = g.nh;
       at::parallel_for(0, nh * T, 4096, [&](int64_t begin, int64_t end) {
         for (int64_t e = begin; e < end; ++e) {
           const int64_t h = e / T, r = e % T;
