@@ -1,0 +1,245 @@
+"""Benchmark of one S3D pre-training step (forward + backward + optimizer step).
+
+Providers, all training the same network (same initial weights, same input and block mask, exactly
+round(ratio * cells) masked 16^3 blocks per sample, SGD Nesterov 0.99 with grad-norm clip 12):
+  mae3d           mae3d.models.S3D: sparse convs on active blocks, fused masked InstanceNorm +
+                  LeakyReLU (Triton on GPU; packed blocks + C++ on CPU)
+  nnssl_eager     the nnssl/S3D emulation on the same model: dense conv x mask (mae3d's
+                  reference backend) and boolean-gather masked InstanceNorm
+                  (bench_masked_norm.nnssl_gather: gather -> F.instance_norm -> scatter)
+  nnssl_compiled  nnssl_eager's model forward under torch.compile, when it compiles
+The configuration: ResEnc-L at 160^3, batch 2, bf16 autocast on GPU (the paper's recipe);
+on CPU a reduced ResEnc (widths / 4) at 64^3 in fp32; --quick: a 5-stage ResEnc at 32^3.
+Reported: median step time (p20/p80), peak memory above the resting state (weights, optimizer
+state and inputs excluded), voxels/s = B * D * H * W / p50 (printed). The CSV's gbps column is
+the step's floor of optimizer traffic (read param, grad, momentum; write param, momentum:
+20 bytes per fp32 parameter) over p50, with % of the copy bandwidth.
+
+Run from the repository root:
+  PYTHONPATH=. python bench/bench_s3d.py --quick --threads 2    # CPU smoke run, ~1 min
+  PYTHONPATH=. python bench/bench_s3d.py --threads 2            # published CPU numbers
+  PYTHONPATH=. python bench/bench_s3d.py                        # GPU: ResEnc-L, 160^3, bf16
+Rows (op "s3d_step", variant "<config>@r<ratio>") go to bench/results/<device>.csv.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import gc
+import sys
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+try:
+    from bench import harness as H
+    from bench.bench_masked_norm import EPS, nnssl_gather
+except ImportError:  # run as a script: python bench/bench_s3d.py
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import harness as H
+    from bench_masked_norm import EPS, nnssl_gather
+
+from mae3d.masking import random_block_mask
+from mae3d.models import S3D, ResEncUNet
+from mae3d.nn.norm import MaskedInstanceNorm3d
+from mae3d.ops import use_backend
+from mae3d.ops.sparse_conv import backend_for
+
+OP = "s3d_step"
+SUBJECT = "mae3d"
+CONFIGS = {  # name: (ResEncUNet overrides, input edge, batch, block size)
+    "resenc-l": ({}, 160, 2, 16),
+    "resenc-l-w4": ({"features": [8, 16, 32, 64, 80, 80]}, 64, 2, 16),
+    "quick": ({"features": [4, 8, 16, 32, 32], "blocks": [1, 2, 2, 2, 2],
+               "strides": [1, 2, 2, 2, 2]}, 32, 2, 8),
+}
+RATIOS = (0.6, 0.75, 0.9)
+PROVIDERS = ("mae3d", "nnssl_eager", "nnssl_compiled")
+QUICK_PROVIDERS = ("mae3d", "nnssl_eager")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    device: torch.device
+    dtype: torch.dtype  # bf16 = autocast (weights stay fp32), fp32 = no autocast
+    config: str
+    ratios: tuple[float, ...]
+    providers: tuple[str, ...]
+    timing: H.TimingConfig
+    seed: int = 0
+
+
+class GatherInstanceNorm3d(MaskedInstanceNorm3d):
+    """nnssl's masked InstanceNorm: boolean gather of the visible voxels (the same count per
+    sample), F.instance_norm in fp32 (as under AMP), LeakyReLU if fused, scatter into zeros."""
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        state = getattr(self, "_mae3d_mask_state", None)
+        if mask is None and state is not None:
+            mask = state.voxels(x.shape[2:])
+        slope = self.negative_slope
+        with torch.autocast(x.device.type, enabled=False):
+            xf = x.float()
+            if mask is None:
+                y = F.instance_norm(xf, weight=self.weight, bias=self.bias, eps=self.eps)
+                return y if slope is None else F.leaky_relu(y, slope)
+            m4 = mask[:, 0].expand(x.shape[0], *x.shape[2:])
+            if slope is not None:
+                return nnssl_gather(xf, m4, self.weight, self.bias)
+            B, C = x.shape[:2]
+            rows = xf.permute(0, 2, 3, 4, 1)[m4]  # (B * n, C), sample-major
+            n = rows.shape[0] // B
+            y = F.instance_norm(rows.reshape(B, n, C).transpose(1, 2), weight=self.weight,
+                                bias=self.bias, eps=EPS)
+            out = xf.new_zeros(B, *x.shape[2:], C)
+            out[m4] = y.transpose(1, 2).reshape(B * n, C)
+            return out.permute(0, 4, 1, 2, 3)
+
+
+def nnssl_emulation(model: S3D) -> S3D:
+    """A copy of ``model`` whose masked norms gather like nnssl (convs: run it under
+    use_backend("reference"), i.e. dense conv x mask)."""
+    emu = copy.deepcopy(model)
+    for mod in emu.modules():
+        if isinstance(mod, MaskedInstanceNorm3d):
+            mod.__class__ = GatherInstanceNorm3d
+    return emu
+
+
+def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, reference: bool,
+              forward=None):
+    """One pre-training step: zero grads, forward under autocast, backward, clip, SGD step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, weight_decay=3e-5, nesterov=True)
+    fwd = forward or model
+    amp = cfg.dtype != torch.float32
+
+    def step() -> Tensor:
+        opt.zero_grad(set_to_none=True)
+        ctx = use_backend("reference") if reference else contextlib.nullcontext()
+        with ctx, torch.autocast(x.device.type, dtype=cfg.dtype, enabled=amp):
+            loss = fwd(x, mask).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, S3D.GRAD_CLIP_NORM)
+        opt.step()
+        return loss.detach()
+
+    return step, params
+
+
+def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
+    over, size, B, block = CONFIGS[cfg.config]
+    torch.manual_seed(cfg.seed)
+    base = S3D(ResEncUNet(1, 1, **over), block_size=block, mask_ratio=ratio).to(cfg.device)
+    g = torch.Generator().manual_seed(cfg.seed)
+    x = torch.randn(B, 1, size, size, size, generator=g).to(cfg.device)
+    mask = random_block_mask(B, size // block, ratio, generator=g, device=cfg.device)
+    shape = (B, 1, size, size, size)
+    variant = f"{cfg.config}@r{ratio:g}"
+    nparam = sum(p.numel() for p in base.parameters())
+    nbytes = 20 * nparam
+    ceiling = H.copy_bandwidth_gbps(nparam, torch.float32, cfg.device, cfg.timing)
+    steps, ref_loss = {}, None
+    for name in cfg.providers:
+        model = copy.deepcopy(base) if name == SUBJECT else nnssl_emulation(base)
+        try:
+            fwd = torch.compile(model, dynamic=False) if name == "nnssl_compiled" else None
+            step, _ = make_step(model, x, mask, cfg, reference=name != SUBJECT, forward=fwd)
+            loss = step().item()  # also the compile / warm-up call
+        except Exception as e:
+            if name == SUBJECT:
+                raise
+            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            continue
+        if ref_loss is None:
+            ref_loss = loss
+        elif abs(loss - ref_loss) > (1e-4 if cfg.dtype == torch.float32 else 3e-2) * ref_loss:
+            print(f"  WARNING {name}: first-step loss {loss:.6g} != mae3d {ref_loss:.6g}")
+        steps[name] = (model, step)
+    results = []
+    for name, (_model, step) in steps.items():
+        t = H.time_fn(step, cfg.device, cfg.timing)
+        mem, how = H.peak_memory(step, cfg.device)
+        backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
+            "inductor" if name == "nnssl_compiled" else "torch")
+        results.append(H.Result(OP, name, backend, variant, "step", shape, cfg.dtype, t, nbytes,
+                                ceiling, mem, how))
+        vps = B * size**3 / (t.p50_ms * 1e-3)
+        print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"
+              f"  {vps / 1e6:8.3f} Mvoxel/s  {mem:9.1f} MiB", flush=True)
+    del steps, base
+    gc.collect()
+    if cfg.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return results
+
+
+def build_config(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--config", choices=sorted(CONFIGS),
+                   help="default: resenc-l on CUDA, resenc-l-w4 on CPU, quick with --quick")
+    p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
+    p.add_argument("--providers", type=H.parse_list(PROVIDERS))
+    p.add_argument("--quick", action="store_true",
+                   help="small 5-stage ResEnc at 32^3, ratio 0.75, no torch.compile")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
+    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    a = p.parse_args(argv)
+    device = torch.device(a.device)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    timing = H.TimingConfig(warmup=2, min_run_time=3.0, min_samples=5)
+    if a.quick:
+        timing = replace(timing, warmup=1, min_run_time=0.5, min_samples=3)
+    if a.min_run_time:
+        timing = replace(timing, min_run_time=a.min_run_time)
+    config = a.config or ("quick" if a.quick else
+                          "resenc-l" if device.type == "cuda" else "resenc-l-w4")
+    providers = a.providers or (QUICK_PROVIDERS if a.quick else PROVIDERS)
+    if SUBJECT not in providers:
+        providers = (SUBJECT, *providers)
+    cfg = BenchConfig(
+        device=device, dtype=DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")],
+        config=config, ratios=a.ratios or ((0.75,) if a.quick else RATIOS),
+        providers=providers, timing=timing, seed=a.seed)
+    return cfg, a
+
+
+def main(argv=None) -> int:
+    cfg, args = build_config(argv)
+    env = H.environment(cfg.device)
+    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
+    out = H.csv_path(args, env)
+    data = []
+    for ratio in cfg.ratios:
+        rows = H.rows(run_ratio(ratio, cfg), env, SUBJECT)
+        if out is not None:
+            H.append_csv(out, rows)
+        data += rows
+    print()
+    print(H.format_table(data))
+    print("\nSummary (p50 step time of the provider / mae3d's; peak memory ratio mae3d / it):")
+    mem = {(d["variant"], d["provider"]): float(d["peak_extra_mem_mb"]) for d in data}
+    for d in data:
+        if d["provider"] != SUBJECT and d["subject_speedup"]:
+            m = mem[(d["variant"], SUBJECT)] / max(mem[(d["variant"], d["provider"])], 1e-9)
+            print(f"  {d['variant']:<18} vs {d['provider']:<15} {float(d['subject_speedup']):6.2f}x"
+                  f" faster, {m:5.2f}x the memory")
+    if out is not None:
+        print(f"\n{len(data)} rows appended to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

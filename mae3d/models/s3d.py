@@ -1,0 +1,307 @@
+"""S3D (Spark3D): a sparse ResEnc U-Net masked autoencoder on the mae3d ops.
+
+Follows the S3D paper and its public code (MIC-DKFZ/nnssl; reference notes, section 2), itself
+SparK's recipe in 3D: the input is zeroed on masked blocks, the nnU-Net ResEnc encoder runs sparse
+(``mae3d.sparsify``: sparse convs computing active blocks only, instance norm over visible voxels
+fused with LeakyReLU, re-masked pools); every encoder stage is densified (masked norm -> learned
+mask token on masked voxels -> Conv3d 3^3, identity at full resolution); the nnU-Net decoder runs
+dense and its 1x1 head reconstructs the input; loss = MSE over masked voxels (fp32).
+
+Not copied from the public emulation (its defects, notes section 2): the input is masked before
+the first conv; norms gather nothing (per-sample visible counts may differ, so per-sample ratios
+work, and nothing syncs with the host); exports carry their architecture plan; He init.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from mae3d.masking import random_block_mask, upsample_block_mask
+from mae3d.models.base import MAEOutput
+from mae3d.models.resenc import ConvNormAct, ResEncUNet
+from mae3d.nn.norm import MaskedInstanceNorm3d
+from mae3d.sparse import _MaskedConv3d, active_mask, mask_input, sparsify
+
+__all__ = ["S3D", "load_pretrained_encoder"]
+
+_FORMAT = "mae3d-s3d-encoder/1"
+STEM_KEYS = ("encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight")
+
+
+class _AutocastSparseConv3d(_MaskedConv3d):
+    """The sparse conv under torch.autocast: the op has no autocast rule, so cast input and
+    parameters to the autocast dtype here (what autocast does for F.conv3d)."""
+
+    def forward(self, x: Tensor, block_mask: Tensor | None = None,
+                block_size: int | None = None) -> Tensor:
+        dev = x.device.type
+        if dev == "meta" or not torch.is_autocast_enabled(dev):
+            return super().forward(x, block_mask, block_size)
+        dt = torch.get_autocast_dtype(dev)
+        params = {n: p.to(dt) for n, p in self.named_parameters(recurse=False)}
+        with torch.autocast(dev, enabled=False):
+            return torch.func.functional_call(self, params, (x.to(dt), block_mask, block_size))
+
+
+def _check_ratio(r) -> float | tuple[float, float]:
+    if isinstance(r, (int, float)) and not isinstance(r, bool) and 0.0 <= r <= 1.0:
+        return float(r)
+    if isinstance(r, (tuple, list)) and len(r) == 2 and 0.0 <= r[0] <= r[1] <= 1.0:
+        return float(r[0]), float(r[1])
+    raise ValueError(f"S3D: mask_ratio must be a float in [0, 1] or a (lo, hi) pair with "
+                     f"0 <= lo <= hi <= 1, got {r!r}")
+
+
+class S3D(nn.Module):
+    """Sparse ResEnc U-Net masked autoencoder.
+
+    Args:
+        backbone: a ``ResEncUNet`` with out_channels == in_channels (it is made sparse in place),
+            or a preset name / dict for ``ResEncUNet(in_channels, in_channels, backbone, **kw)``.
+        in_channels: input channels when ``backbone`` is a preset.
+        block_size: mask cell edge in voxels at the input resolution (16: the public code's 10^3
+            grid on 160^3 patches; 32 gives the paper text's 5^3 cells).
+        mask_ratio: fraction of masked cells, a float or a (lo, hi) range drawn per sample
+            (S3D's "dynamic" U(0.6, 0.9)).
+        efficient: densify with the mask token only (no norm, no 3^3 conv).
+        coarse: stages coarser than the mask grid run "dense" (S3D) or masked by "any" pooling.
+        **resenc_kwargs: overrides for ``ResEncUNet`` (features, blocks, ...).
+
+    ``forward(x, mask=None)``: x (B, C, D, H, W), z-scored, D/H/W divisible by block_size and by
+    the total stride -> ``MAEOutput(loss, reconstruction (B, C, D, H, W), mask (B, gD, gH, gW))``.
+    Recipe (paper): ``configure_optimizer`` (SGD Nesterov 0.99, lr 1e-2, wd 3e-5, PolyLR 0.9),
+    gradient-norm clip ``GRAD_CLIP_NORM`` = 12, bf16 autocast on GPU.
+    """
+
+    GRAD_CLIP_NORM = 12.0
+
+    def __init__(self, backbone: ResEncUNet | str | dict = "L", *, in_channels: int = 1,
+                 block_size: int = 16, mask_ratio: float | tuple[float, float] = 0.75,
+                 efficient: bool = False, coarse: str = "dense", **resenc_kwargs) -> None:
+        super().__init__()
+        if not isinstance(backbone, ResEncUNet):
+            backbone = ResEncUNet(in_channels, in_channels, backbone, **resenc_kwargs)
+        elif resenc_kwargs:
+            raise ValueError(f"S3D: {sorted(resenc_kwargs)} only apply when backbone is a preset")
+        if backbone.out_channels != backbone.in_channels:
+            raise ValueError(f"S3D: backbone must reconstruct its input: out_channels "
+                             f"{backbone.out_channels} != in_channels {backbone.in_channels}")
+        if backbone.decoder.deep_supervision:
+            raise ValueError("S3D: backbone must be built with deep_supervision=False")
+        if backbone.plan["kernel_size"] != 3 or any(s not in (1, 2)
+                                                    for s in backbone.plan["strides"]):
+            raise ValueError(f"S3D: the sparse encoder needs kernel_size 3 and strides 1/2, got "
+                             f"{backbone.plan['kernel_size']} and {backbone.plan['strides']}")
+        if (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1
+                or block_size & (block_size - 1)):
+            raise ValueError(f"S3D: block_size must be a power of two, got {block_size!r}")
+        if coarse not in ("dense", "any"):
+            raise ValueError(f"S3D: coarse must be 'dense' or 'any', got {coarse!r}")
+        self.mask_ratio = _check_ratio(mask_ratio)
+        self.block_size = self.mask_cell = block_size
+        self.efficient, self.coarse = bool(efficient), coarse
+        self.in_channels = backbone.in_channels
+        self.backbone = backbone
+        enc = sparsify(backbone.encoder, strict=True)
+        for mod in enc.modules():
+            if isinstance(mod, _MaskedConv3d):
+                mod.__class__ = _AutocastSparseConv3d
+            if isinstance(mod, ConvNormAct) and hasattr(mod, "nonlin"):
+                mod.norm.negative_slope = mod.nonlin.negative_slope  # fused into the masked norm
+        feats = backbone.plan["features"]
+        self.mask_tokens = nn.ParameterList(
+            [nn.Parameter(torch.empty(1, c, 1, 1, 1)) for c in feats])
+        for t in self.mask_tokens:
+            nn.init.trunc_normal_(t, std=0.02, a=-0.02, b=0.02)  # SparK's token init
+        if self.efficient:
+            self.densify_norms = nn.ModuleList([nn.Identity() for _ in feats])
+            self.densify_projs = nn.ModuleList([nn.Identity() for _ in feats])
+        else:
+            self.densify_norms = nn.ModuleList(
+                [MaskedInstanceNorm3d(c, eps=backbone.eps, affine=True) for c in feats])
+            self.densify_projs = nn.ModuleList(
+                [nn.Identity() if i == 0 else nn.Conv3d(c, c, 3, 1, 1)
+                 for i, c in enumerate(feats)])
+            self.densify_projs.apply(ResEncUNet.initialize)
+
+    # -- masks and checks -------------------------------------------------------------------
+    def _check_input(self, x: Tensor) -> tuple[int, int, int]:
+        if not isinstance(x, Tensor) or x.dim() != 5 or x.shape[1] != self.in_channels:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"S3D: x must be (B, {self.in_channels}, D, H, W), got {got}")
+        if not x.is_floating_point():
+            raise TypeError(f"S3D: x must be a floating-point tensor, got {x.dtype}")
+        step = max(self.block_size, self.backbone.total_stride)
+        if any(s % step for s in x.shape[2:]):
+            raise ValueError(f"S3D: spatial size {tuple(x.shape[2:])} must be divisible by "
+                             f"block_size {self.block_size} and the total stride "
+                             f"{self.backbone.total_stride}")
+        return tuple(s // self.block_size for s in x.shape[2:])
+
+    def sample_mask(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """A random block mask (B, gD, gH, gW) bool, True = visible, for input x."""
+        grid = self._check_input(x)
+        return random_block_mask(x.shape[0], grid, self.mask_ratio, generator=generator,
+                                 device=x.device)
+
+    def _mask(self, x: Tensor, mask: Tensor | None) -> Tensor:
+        grid = self._check_input(x)
+        if mask is None:
+            return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device)
+        want = (x.shape[0], *grid)
+        if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"S3D: mask must be (B, gD, gH, gW) = {want} for {self.block_size}^3 "
+                             f"blocks, got {got}")
+        if mask.dtype not in (torch.bool, torch.uint8):
+            raise TypeError(f"S3D: mask must be bool (True = visible), got {mask.dtype}")
+        if mask.device != x.device:
+            raise ValueError(f"S3D: mask is on {mask.device} but x is on {x.device}")
+        return mask.bool()
+
+    # -- model --------------------------------------------------------------------------------
+    def encode(self, x: Tensor,
+               mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+        """Sparse encoder on x (B, C, D, H, W) under the block mask (B, gD, gH, gW): per-stage
+        features (zero on masked voxels) and their voxel masks (B, 1, d, h, w) (None = dense)."""
+        mask = self._mask(x, mask)
+        enc = self.backbone.encoder
+        with active_mask(enc, mask, self.block_size, self.coarse) as state:
+            skips = enc(mask_input(x, mask, self.block_size))
+            vox = [state.voxels(f.shape[2:]) for f in skips]
+        return skips, vox
+
+    def densify(self, skips: Sequence[Tensor], vox: Sequence[Tensor | None]) -> list[Tensor]:
+        """Per stage: masked norm -> mask token on masked voxels -> Conv3d 3^3 (SparK/S3D)."""
+        out = []
+        for f, m, norm, tok, proj in zip(skips, vox, self.densify_norms, self.mask_tokens,
+                                         self.densify_projs):
+            if not self.efficient:
+                f = norm(f, m)
+            if m is not None:
+                f = torch.where(m, f, tok.to(f.dtype))
+            out.append(proj(f))
+        return out
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MAEOutput:
+        """x (B, C, D, H, W) -> MAEOutput(loss (fp32 scalar), reconstruction, mask)."""
+        mask = self._mask(x, mask)
+        skips, vox = self.encode(x, mask)
+        rec = self.backbone.decoder(self.densify(skips, vox))
+        hidden = ~upsample_block_mask(mask, self.block_size, x.shape[2:])  # (B, 1, D, H, W)
+        err = torch.where(hidden, (rec.float() - x.float()) ** 2, 0.0)
+        n = hidden.sum() * x.shape[1]
+        loss = err.sum() / n.clamp_min(1)
+        return MAEOutput(loss, rec, mask)
+
+    # -- recipe and export --------------------------------------------------------------------
+    def encoder_modules(self) -> list[nn.Module]:
+        """Modules counted as the encoder by ``mae3d.flops.report``."""
+        return [self.backbone.encoder]
+
+    def decoder_modules(self) -> list[nn.Module]:
+        """Modules counted as the decoder (densify + dense U-Net decoder) by ``mae3d.flops``."""
+        return [self.densify_norms, self.densify_projs, self.backbone.decoder]
+
+    def configure_optimizer(self, total_steps: int, lr: float = 1e-2, momentum: float = 0.99,
+                            weight_decay: float = 3e-5, exponent: float = 0.9):
+        """(SGD Nesterov, PolyLR) of the S3D recipe; call ``scheduler.step()`` once per step.
+        lr(t) = lr * (1 - t / total_steps) ** exponent (nnU-Net's PolyLRScheduler)."""
+        if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
+            raise ValueError(f"S3D: total_steps must be a positive int, got {total_steps!r}")
+        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum,
+                              weight_decay=weight_decay, nesterov=True)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda t: (1 - min(t, total_steps) / total_steps) ** exponent)
+        return opt, sched
+
+    def adaptation_plan(self) -> dict:
+        """What a fine-tuning loader needs: nnU-Net's architecture entry, the encoder / stem /
+        input-projection key names and the pre-training settings."""
+        ratio = self.mask_ratio
+        return {
+            "format": _FORMAT,
+            "architecture": self.backbone.architecture_plan(),
+            "in_channels": self.in_channels,
+            "key_to_encoder": "encoder.stages",
+            "key_to_stem": "encoder.stem",
+            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
+            "pretrain": {"method": "S3D", "block_size": self.block_size,
+                         "efficient": self.efficient,
+                         "mask_ratio": list(ratio) if isinstance(ratio, tuple) else ratio,
+                         "coarse": self.coarse},
+        }
+
+    def export_encoder(self, path: str | Path) -> tuple[Path, Path]:
+        """Write the dense encoder (stem + stages; nnU-Net key names ``encoder.*``, fp32) and its
+        adaptation plan to ``path`` (torch.save dict with keys "network_weights" and
+        "adaptation_plan"), and the plan alone as JSON beside it (``path`` with suffix .json).
+        Returns (checkpoint path, JSON path)."""
+        path = Path(path)
+        sd = {f"encoder.{k}": v.detach().float().cpu().clone()
+              for k, v in self.backbone.encoder.state_dict().items()}
+        plan = self.adaptation_plan()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"network_weights": sd, "adaptation_plan": plan}, path)
+        js = path.with_suffix(".json") if path.suffix != ".json" else path.with_suffix(".plan.json")
+        js.write_text(json.dumps(plan, indent=2))
+        return path, js
+
+
+def _arch_summary(plan: dict | None) -> str:
+    if not plan:
+        return "no adaptation plan"
+    kw = plan.get("architecture", {}).get("arch_kwargs", {})
+    return (f"features {kw.get('features_per_stage')}, blocks {kw.get('n_blocks_per_stage')}, "
+            f"strides {[s[0] for s in kw.get('strides', [])]}, in_channels "
+            f"{plan.get('in_channels')}")
+
+
+def load_pretrained_encoder(unet: nn.Module, path: str | Path) -> list[str]:
+    """Load an ``S3D.export_encoder`` checkpoint into the encoder of ``unet`` (a ``ResEncUNet``
+    or dynamic_network_architectures' ``ResidualEncoderUNet`` of the same architecture) for
+    fine-tuning. A single-channel stem is replicated over the input channels of a multi-channel
+    ``unet`` (S3D's fine-tuning recipe). The decoder is left as it is.
+
+    Returns the loaded state_dict keys; raises ValueError naming the keys when the architecture
+    differs."""
+    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
+    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
+        raise ValueError(f"load_pretrained_encoder: {path} is not an S3D encoder export (no "
+                         "'network_weights' entry)")
+    weights, plan = ckpt["network_weights"], ckpt.get("adaptation_plan")
+    target = unet.state_dict()
+    enc_keys = [k for k in target if k.startswith("encoder.")]
+    if not enc_keys:
+        raise ValueError(f"load_pretrained_encoder: {type(unet).__name__} has no 'encoder.*' "
+                         "parameters (expected a ResEnc U-Net)")
+    missing = [k for k in enc_keys if k not in weights]
+    extra = [k for k in weights if k not in target]
+    if missing or extra:
+        raise ValueError(
+            f"load_pretrained_encoder: architecture mismatch: the checkpoint "
+            f"({_arch_summary(plan)}) lacks {len(missing)} encoder keys of the network "
+            f"(e.g. {missing[:3]}) and has "
+            f"{len(extra)} the network lacks (e.g. {extra[:3]})")
+    new = {}
+    for k in enc_keys:
+        w = weights[k]
+        if k in STEM_KEYS and w.shape[1] == 1 and target[k].shape[1] > 1 and \
+                w.shape[0] == target[k].shape[0]:
+            w = w.repeat(1, target[k].shape[1], 1, 1, 1)  # one copy of the stem per modality
+        if w.shape != target[k].shape:
+            raise ValueError(f"load_pretrained_encoder: architecture mismatch at {k}: checkpoint "
+                             f"{tuple(w.shape)} vs network {tuple(target[k].shape)} "
+                             f"({_arch_summary(plan)})")
+        new[k] = w
+        if "decoder." + k in target:  # the decoder's reference to the encoder
+            new["decoder." + k] = w
+    result = unet.load_state_dict(new, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"load_pretrained_encoder: unexpected keys {result.unexpected_keys[:3]}")
+    return list(new)
