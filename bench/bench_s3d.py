@@ -117,7 +117,9 @@ def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, refer
     """One pre-training step: zero grads, forward under autocast, backward, clip, SGD step."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, weight_decay=3e-5, nesterov=True)
-    fwd = forward or model
+    # Not `forward or model`: a compiled module (OptimizedModule) forwards __len__ to the
+    # wrapped S3D, so its truth test raised "TypeError: S3D does not support len()".
+    fwd = model if forward is None else forward
     amp = cfg.dtype != torch.float32
 
     def step() -> Tensor:

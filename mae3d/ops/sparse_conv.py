@@ -176,6 +176,17 @@ def _window(x: Tensor, om: Tensor, bo: int, k: int, stride: int, padding: int):
     return xp, win, step, L
 
 
+def _dense_is_cheaper(bo: int, k: int) -> bool:
+    """The packed path's cost model (CPU; measured at the S3D ResEnc-L/4 shapes, widths 8-80,
+    64^3, 75% masked, 2 threads). The packed windows pay a halo of ((bo - 1) * stride + k)^3 /
+    (bo * stride)^3 plus gather / scatter copies that the dense conv + mask does not. At output
+    blocks of 1-2 voxels (halo >= 3.4x for k 3; oneDNN runs tiny-output convs slowly) the dense
+    reference measured faster (fwd + bwd at 8^3, 64 ch, bo 2: 11 ms vs 15 ms); from bo 4 on
+    (and for 1x1 convs) packing measured 1.1-2.5x faster. ``k`` is kept for finer rules."""
+    del k
+    return bo <= 2
+
+
 def _active(om: Tensor):
     return om.nonzero(as_tuple=True)  # host sync: fine on CPU, where this backend runs
 
@@ -193,9 +204,7 @@ def _packed_fwd(x, weight, bias, block_mask, block_size, stride, padding):
         # the halo copies (a 0%-masked batch must not be slower than dense).
         return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
     bo = output_block_size(block_size, stride)
-    if bo == 1:
-        # One-voxel blocks: every window is mostly halo (27x the input for k 3) and oneDNN runs
-        # 1^3-output convs slowly; the dense conv + mask measured faster (bench_sparse_conv).
+    if _dense_is_cheaper(bo, k):
         return _ref_fwd(x, weight, bias, block_mask, block_size, stride, padding)
     B, Cout = x.shape[0], weight.shape[0]
     _, win, _, _ = _window(x, om, bo, k, stride, padding)
@@ -223,13 +232,13 @@ def _packed_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, ha
             [1] * 3, False, [0] * 3, 1, [needs_grad_x, True, has_bias])
         return _grads(x, gx, gw, gb)
     bo = output_block_size(block_size, stride)
-    if bo == 1:  # as in the forward
+    if _dense_is_cheaper(bo, k):  # as in the forward
         return _ref_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias,
                         needs_grad_x)
     xp, win, step, L = _window(x, om, bo, k, stride, padding)
     G = om.shape[1:]
-    g = F.pad(grad_out, [0, G[2] * bo - out_sp[2], 0, G[1] * bo - out_sp[1],
-                         0, G[0] * bo - out_sp[0]]).contiguous()
+    gpad = [0, G[2] * bo - out_sp[2], 0, G[1] * bo - out_sp[1], 0, G[0] * bo - out_sp[0]]
+    g = (F.pad(grad_out, gpad) if any(gpad) else grad_out).contiguous()
     g_packed = g.view(B, Cout, G[0], bo, G[1], bo, G[2], bo)[b, :, i, :, j, :, l, :]
     gx_packed, gw, gb = torch.ops.aten.convolution_backward(
         g_packed, win[b, :, i, j, l], weight, [Cout] if has_bias else None, [stride] * 3,
@@ -239,7 +248,11 @@ def _packed_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, ha
     # Scatter-add the windows back. Neighbouring windows overlap by their halo, so cut every
     # window into chunks of `step` voxels per axis: chunks with the same position in their
     # windows never overlap each other, and one index_put_ per chunk position adds them.
-    gxp = torch.zeros_like(xp)
+    # CPU index_put_ with accumulate=True runs serially; as the chunks of one position are
+    # disjoint, the first position is a plain (parallel) put into zeros, and chunks with a long
+    # inner run are added by gather + add + put (measured faster; halo shells whose inner run is
+    # the short halo keep accumulate=True, which measured faster for them).
+    gxp = torch.zeros_like(xp, memory_format=torch.contiguous_format)
     nt = -(-L // step)
     for td in range(nt):
         for th in range(nt):
@@ -250,7 +263,13 @@ def _packed_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, ha
                 dst = dst.unfold(2, ln[0], step).unfold(3, ln[1], step).unfold(4, ln[2], step)
                 src = gx_packed[:, :, lo[0]:lo[0] + ln[0], lo[1]:lo[1] + ln[1],
                                 lo[2]:lo[2] + ln[2]]
-                dst.permute(0, 2, 3, 4, 1, 5, 6, 7).index_put_((b, i, j, l), src, accumulate=True)
+                dst = dst.permute(0, 2, 3, 4, 1, 5, 6, 7)
+                if td == th == tw == 0:
+                    dst.index_put_((b, i, j, l), src)
+                elif ln[2] == step:
+                    dst.index_put_((b, i, j, l), dst[b, i, j, l].add_(src))
+                else:
+                    dst.index_put_((b, i, j, l), src, accumulate=True)
     p = padding
     return _grads(x, gxp[:, :, p:p + x.shape[2], p:p + x.shape[3], p:p + x.shape[4]], gw, gb)
 
