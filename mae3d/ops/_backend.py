@@ -95,3 +95,35 @@ def choose(op: str, device_type: str, supported: tuple[str, ...]) -> tuple[str, 
             return cand, "default"
         reasons.append(f"{cand}: {why_not}")
     return "reference", "; ".join(reasons) or "no kernel for this device"
+
+
+def choose_triton_or_torch(op: str, device_type: str, torch_name: str, cpu_why: str,
+                           cuda_note: str = "", other: tuple[str, str] | None = None,
+                           ) -> tuple[str, str]:
+    """(backend, why) for an op whose kernels are Triton on GPU and torch code (``torch_name``,
+    e.g. "packed") elsewhere; ``MAE3D_BACKEND=cpp`` maps to the torch code on CPU tensors.
+    ``other`` = (backend, why) for devices that are neither CPU nor CUDA (default: torch code)."""
+    want = requested()
+    if want == "reference":
+        return "reference", "forced"
+    if want == "triton":
+        why_not = availability("triton", device_type, ("triton",))
+        if why_not is not None:
+            raise RuntimeError(f"mae3d.{op}: backend 'triton' was forced but {why_not}")
+        return "triton", "forced"
+    if want == "cpp":
+        if device_type != "cpu":
+            raise RuntimeError(f"mae3d.{op}: backend 'cpp' was forced but the tensors are on "
+                               f"{device_type}")
+        return torch_name, f"forced cpp: this op's CPU kernel is {cpu_why}"
+    if want == "cuda":
+        raise RuntimeError(f"mae3d.{op}: backend 'cuda' was forced but this op has no CUDA C++ "
+                           f"kernel (it has triton, {torch_name})")
+    if device_type == "cuda":
+        why_not = availability("triton", device_type, ("triton",))
+        if why_not is None:
+            return "triton", "default"
+        return torch_name, f"triton: {why_not}{cuda_note}"
+    if device_type == "cpu":
+        return torch_name, f"default: {cpu_why}"
+    return other or (torch_name, f"no kernel for {device_type}: {cpu_why}")

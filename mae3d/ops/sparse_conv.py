@@ -134,30 +134,10 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 # --------------------------------------------------------------------------------------------
 def backend_for(device_type: str) -> tuple[str, str]:
     """(backend, reason) that ``sparse_conv3d`` uses for tensors on ``device_type`` right now."""
-    want = _backend.requested()
-    if want == "reference":
-        return "reference", "forced"
-    if want == "triton":
-        why_not = _backend.availability("triton", device_type, ("triton",))
-        if why_not is not None:
-            raise RuntimeError(f"mae3d.{_OP}: backend 'triton' was forced but {why_not}")
-        return "triton", "forced"
-    if want == "cpp":
-        if device_type != "cpu":
-            raise RuntimeError(f"mae3d.{_OP}: backend 'cpp' was forced but the tensors are on "
-                               f"{device_type}")
-        return "packed", "forced cpp: this op's CPU kernel is packed-block torch code"
-    if want == "cuda":
-        raise RuntimeError(f"mae3d.{_OP}: backend 'cuda' was forced but this op has no CUDA C++ "
-                           "kernel (it has triton, packed)")
-    if device_type == "cuda":
-        why_not = _backend.availability("triton", device_type, ("triton",))
-        if why_not is None:
-            return "triton", "default"
-        return "packed", f"triton: {why_not} (packed syncs with the host on CUDA)"
-    if device_type == "cpu":
-        return "packed", "default: gather active blocks + halo, dense conv, scatter"
-    return "reference", f"no kernel for {device_type}"
+    return _backend.choose_triton_or_torch(
+        _OP, device_type, "packed", "gather active blocks + halo, dense conv, scatter",
+        cuda_note=" (packed syncs with the host on CUDA)",
+        other=("reference", f"no kernel for {device_type}"))
 
 
 # --------------------------------------------------------------------------------------------

@@ -140,30 +140,7 @@ def _ref_bwd(g, idx, n_vis, tok, pos):
 
 def backend_for(device_type: str) -> tuple[str, str]:
     """(backend, reason) that ``assemble_token_grid`` uses for tensors on ``device_type`` now."""
-    want = _backend.requested()
-    if want == "reference":
-        return "reference", "forced"
-    if want == "triton":
-        why_not = _backend.availability("triton", device_type, ("triton",))
-        if why_not is not None:
-            raise RuntimeError(f"mae3d.{_OP}: backend 'triton' was forced but {why_not}")
-        return "triton", "forced"
-    if want == "cpp":
-        if device_type != "cpu":
-            raise RuntimeError(f"mae3d.{_OP}: backend 'cpp' was forced but the tensors are on "
-                               f"{device_type}")
-        return "indexed", "forced cpp: this op's CPU kernel is torch gather/scatter"
-    if want == "cuda":
-        raise RuntimeError(f"mae3d.{_OP}: backend 'cuda' was forced but this op has no CUDA C++ "
-                           "kernel (it has triton, indexed)")
-    if device_type == "cuda":
-        why_not = _backend.availability("triton", device_type, ("triton",))
-        if why_not is None:
-            return "triton", "default"
-        return "indexed", f"triton: {why_not}"
-    if device_type == "cpu":
-        return "indexed", "default: torch gather/scatter"
-    return "indexed", f"no kernel for {device_type}: torch gather/scatter"
+    return _backend.choose_triton_or_torch(_OP, device_type, "indexed", "torch gather/scatter")
 
 
 def _impl(device_type: str):
