@@ -45,9 +45,10 @@ def _build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="print versions, extension status and the backend of each op")
-    bench = sub.add_parser("bench", help="run an op benchmark and print its table")
+    bench = sub.add_parser("bench", help="run an op or model benchmark and print its table")
     bench.add_argument("--op", default="masked_norm",
-                       choices=["masked_norm", "window_attention", "sparse_conv"])
+                       choices=["masked_norm", "window_attention", "sparse_conv", "s3d",
+                                "bertswin"])
     _pretrain_parser(sub)
     r = sub.add_parser("reconstruct", help="PNG of input / masked input / reconstruction")
     r.add_argument("checkpoint", help="run directory or checkpoint folder")
