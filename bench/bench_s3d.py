@@ -30,6 +30,7 @@ import copy
 import gc
 import sys
 from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -175,6 +176,26 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
         vps = B * size**3 / (t.p50_ms * 1e-3)
         print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"
               f"  {vps / 1e6:8.3f} Mvoxel/s  {mem:9.1f} MiB", flush=True)
+    # The encoder alone (forward + backward of the sparse stages; the dense decoder, the same in
+    # both providers, bounds the step's speed-up): a fixed upstream gradient on every skip.
+    for name, (model, _step) in steps.items():
+        if name == "nnssl_compiled":
+            continue
+        ctx = contextlib.nullcontext if name == SUBJECT else partial(use_backend, "reference")
+
+        def enc_pass(model=model, ctx=ctx) -> None:
+            with ctx(), torch.autocast(x.device.type, dtype=cfg.dtype,
+                                       enabled=cfg.dtype != torch.float32):
+                skips, _ = model.encode(x, mask)
+            torch.autograd.backward(skips, [torch.ones_like(f) for f in skips])
+
+        t = H.time_fn(enc_pass, cfg.device, cfg.timing)
+        mem, how = H.peak_memory(enc_pass, cfg.device)
+        backend = backend_for(cfg.device.type)[0] if name == SUBJECT else "torch"
+        results.append(H.Result(OP, name, backend, variant, "encoder fwd+bwd", shape, cfg.dtype,
+                                t, 0, ceiling, mem, how))
+        print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"
+              f"  encoder fwd+bwd  {mem:9.1f} MiB", flush=True)
     del steps, base
     gc.collect()
     if cfg.device.type == "cuda":
@@ -232,12 +253,13 @@ def main(argv=None) -> int:
     print()
     print(H.format_table(data))
     print("\nSummary (p50 step time of the provider / mae3d's; peak memory ratio mae3d / it):")
-    mem = {(d["variant"], d["provider"]): float(d["peak_extra_mem_mb"]) for d in data}
+    mem = {(d["variant"], d["mode"], d["provider"]): float(d["peak_extra_mem_mb"]) for d in data}
     for d in data:
         if d["provider"] != SUBJECT and d["subject_speedup"]:
-            m = mem[(d["variant"], SUBJECT)] / max(mem[(d["variant"], d["provider"])], 1e-9)
-            print(f"  {d['variant']:<18} vs {d['provider']:<15} {float(d['subject_speedup']):6.2f}x"
-                  f" faster, {m:5.2f}x the memory")
+            key = (d["variant"], d["mode"])
+            m = mem[(*key, SUBJECT)] / max(mem[(*key, d["provider"])], 1e-9)
+            print(f"  {d['variant']:<18} {d['mode']:<16} vs {d['provider']:<15} "
+                  f"{float(d['subject_speedup']):6.2f}x faster, {m:5.2f}x the memory")
     if out is not None:
         print(f"\n{len(data)} rows appended to {out}")
     return 0
