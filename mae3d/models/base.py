@@ -1,4 +1,4 @@
-"""What every mae3d masked-autoencoder returns, so the training loop and the CLI treat them alike."""
+"""What every mae3d masked autoencoder returns, for the training loop and the CLI."""
 
 from typing import NamedTuple
 

@@ -29,9 +29,8 @@ from torch import Tensor, nn
 from mae3d.masking import random_block_mask
 from mae3d.models.base import MAEOutput
 from mae3d.models.losses import LCS_WEIGHTS, LOSSES, REGION_WEIGHTS, mae_loss
-from mae3d.nn.window_attention import ShiftedWindowAttention3d, clamp_window
+from mae3d.nn.window_attention import ShiftedWindowAttention3d, eager_window_attention
 from mae3d.ops.token_grid import assemble_token_grid
-from mae3d.reference.window_attention import _Windows
 
 OPS = ("fused", "eager")
 FOV_THRESHOLD = 0.95  # a patch is valid when more than this fraction of its voxels is
@@ -66,22 +65,8 @@ class EagerShiftedWindowAttention3d(ShiftedWindowAttention3d):
     partition, materialised scores + bias + mask, softmax, matmul, reverse (the benchmark's
     baseline and the fused-vs-eager check)."""
 
-    def forward(self, x: Tensor) -> Tensor:
-        _, D, H, W, C = x.shape
-        nh = self.num_heads
-        ws, ss = clamp_window(self.window_size, self.shift_size, (D, H, W))
-        pad = [(-s) % w for s, w in zip((D, H, W), ws)]
-        if any(pad):
-            x = F.pad(x, (0, 0, 0, pad[2], 0, pad[1], 0, pad[0]))
-        qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(*x.shape[:4], 3, nh, C // nh)
-        q, k, v = qkv.unbind(4)
-        g = _Windows(q.shape, ws, ss)
-        attn = g.logits(q, k, self.relative_position_bias_table, (C // nh) ** -0.5,
-                        self.window_size).softmax(dim=-1)
-        attn = F.dropout(attn, p=self.attention_dropout, training=self.training)
-        out = g.unwindows(attn.to(v.dtype) @ g.windows(v)).reshape(*x.shape[:4], C)
-        out = F.linear(out[:, :D, :H, :W], self.proj.weight, self.proj.bias)
-        return F.dropout(out, p=self.dropout, training=self.training)
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ws, ss) -> Tensor:
+        return eager_window_attention(q, k, v, ws, ss, self)
 
 
 class SwinTransformerBlock3d(nn.Module):

@@ -88,24 +88,28 @@ class ShiftedWindowAttention3d(nn.Module):
         Dp, Hp, Wp = D + pad[0], H + pad[1], W + pad[2]
         qkv = F.linear(x, self.qkv.weight, self.qkv.bias).view(B, Dp, Hp, Wp, 3, nh, C // nh)
         q, k, v = qkv.unbind(4)  # strided views, no copy
-        if self.training and self.attention_dropout > 0:
-            out = _eager_with_attention_dropout(q, k, v, ws, ss, self)
-        else:
-            out = window_attention3d(q, k, v, ws, ss, self.relative_position_bias_table,
-                                     bias_window_size=self.window_size)
-        out = out.view(B, Dp, Hp, Wp, C)
+        out = self._attend(q, k, v, ws, ss).reshape(B, Dp, Hp, Wp, C)
         if any(pad):  # crop before the projection: it acts per token, so this only saves work
             out = out[:, :D, :H, :W]
         out = F.linear(out, self.proj.weight, self.proj.bias)
         return F.dropout(out, p=self.dropout, training=self.training)
 
 
-def _eager_with_attention_dropout(q, k, v, ws, ss, m: ShiftedWindowAttention3d) -> Tensor:
-    """torchvision's path with dropout on the probabilities (the fused op has no dropout)."""
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, ws, ss) -> Tensor:
+        """(B, D, H, W, heads, head_dim) window attention of the padded grid."""
+        if self.training and self.attention_dropout > 0:  # the fused op has no dropout
+            return eager_window_attention(q, k, v, ws, ss, self)
+        return window_attention3d(q, k, v, ws, ss, self.relative_position_bias_table,
+                                  bias_window_size=self.window_size)
+
+
+def eager_window_attention(q, k, v, ws, ss, m: ShiftedWindowAttention3d) -> Tensor:
+    """torchvision's eager path (pad, roll, partition, materialised scores + bias + mask,
+    softmax, attention dropout of ``m`` in training, matmul, reverse) on m's parameters."""
     g = _Windows(q.shape, ws, ss)
     attn = g.logits(q, k, m.relative_position_bias_table, q.shape[-1] ** -0.5, m.window_size)
-    attn = F.dropout(attn.softmax(dim=-1), p=m.attention_dropout, training=True)
-    return g.unwindows(attn @ g.windows(v))
+    attn = F.dropout(attn.softmax(dim=-1), p=m.attention_dropout, training=m.training)
+    return g.unwindows(attn.to(v.dtype) @ g.windows(v))
 
 
 def _torchvision_types() -> tuple[type, ...]:
