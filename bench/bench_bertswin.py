@@ -27,8 +27,7 @@ import contextlib
 import gc
 import importlib
 import sys
-from dataclasses import dataclass, replace
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 
@@ -175,25 +174,11 @@ class _MaskOnly:
 
 def build_config(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
     p.add_argument("--quick", action="store_true", help="the small configuration, short timing")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
-    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement (default 1)")
-    p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
-    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    timing = H.TimingConfig()
-    if a.quick:
-        timing = replace(timing, warmup=1, min_run_time=0.2, min_samples=3)
-    if a.min_run_time:
-        timing = replace(timing, min_run_time=a.min_run_time)
+    device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.2, min_samples=3))
     gpu = device.type == "cuda"
     providers = a.providers or PROVIDERS
     if SUBJECT not in providers:

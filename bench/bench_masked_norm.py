@@ -28,7 +28,6 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import partial
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -333,8 +332,6 @@ def parse_shapes(text: str) -> tuple[tuple[int, ...], ...]:
 
 def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.Namespace]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument(
         "--mode", choices=("instance", "batch", "both"), default="both", help="norm variant"
     )
@@ -346,22 +343,10 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
         action="store_true",
         help="small CPU shapes, no compiled_formula, fwd and fwd+bwd, short timing",
     )
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
-    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement (default 1)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
-    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    timing = H.TimingConfig()
-    if a.quick:
-        timing = replace(timing, warmup=2, min_run_time=0.25, min_samples=3)
-    if a.min_run_time:
-        timing = replace(timing, min_run_time=a.min_run_time)
+    device, timing = H.run_setup(
+        a, quick=H.TimingConfig(warmup=2, min_run_time=0.25, min_samples=3))
     default_shapes = GPU_SHAPES if device.type == "cuda" else CPU_SHAPES
     cfg = BenchConfig(
         device=device,

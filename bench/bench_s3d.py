@@ -29,7 +29,7 @@ import contextlib
 import copy
 import gc
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -205,28 +205,16 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
 
 def build_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--config", choices=sorted(CONFIGS),
                    help="default: resenc-l on CUDA, resenc-l-w4 on CPU, quick with --quick")
     p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
     p.add_argument("--providers", type=H.parse_list(PROVIDERS))
     p.add_argument("--quick", action="store_true",
                    help="small 5-stage ResEnc at 32^3, ratio 0.75, no torch.compile")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
-    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="CSV path (default bench/results/<device>.csv)")
-    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    timing = H.TimingConfig(warmup=2, min_run_time=3.0, min_samples=5)
-    if a.quick:
-        timing = replace(timing, warmup=1, min_run_time=0.5, min_samples=3)
-    if a.min_run_time:
-        timing = replace(timing, min_run_time=a.min_run_time)
+    device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3),
+                                 base=H.TimingConfig(warmup=2, min_run_time=3.0, min_samples=5))
     config = a.config or ("quick" if a.quick else
                           "resenc-l" if device.type == "cuda" else "resenc-l-w4")
     providers = a.providers or (QUICK_PROVIDERS if a.quick else PROVIDERS)

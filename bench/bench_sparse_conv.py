@@ -26,7 +26,7 @@ import gc
 import importlib.util
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -197,27 +197,14 @@ def backend_of(name: str, device: torch.device) -> str:
 
 def build_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
     p.add_argument("--providers", type=lambda s: tuple(s.split(",")))
     p.add_argument("--passes", type=lambda s: tuple(s.split(",")))
     p.add_argument("--quick", action="store_true",
                    help="CPU: one 64^3 conv, ratios 0 and 0.75, forward only")
-    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
-    p.add_argument("--min-run-time", type=float, help="CPU seconds per measurement")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", help="CSV path (default bench/results/<device>.csv)")
-    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+    H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
-    device = torch.device(a.device)
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    timing = H.TimingConfig()
-    if a.quick:
-        timing = replace(timing, warmup=1, min_run_time=0.5, min_samples=3)
-    if a.min_run_time:
-        timing = replace(timing, min_run_time=a.min_run_time)
+    device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
     cases = GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES)
     providers = a.providers or PROVIDERS
     if SUBJECT not in providers:

@@ -30,7 +30,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -403,6 +403,33 @@ def print_header(op: str, env: Env, dtype: torch.dtype, backend: str, why: str) 
     print(f"mae3d backend: {backend} ({why})")
     if backend == "reference":
         print("WARNING: mae3d runs the plain-PyTorch reference backend: not kernel numbers")
+
+
+def add_run_args(p: argparse.ArgumentParser, dtypes: dict[str, torch.dtype]) -> None:
+    """The flags every bench script shares: --device --dtype --threads --min-run-time --seed
+    --out --no-csv (--quick and the sweep flags stay with each script)."""
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(dtypes), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
+    p.add_argument("--min-run-time", type=float, help="seconds per measurement")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
+    p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
+
+
+def run_setup(args: argparse.Namespace, quick: TimingConfig,
+              base: TimingConfig | None = None) -> tuple[torch.device, TimingConfig]:
+    """Apply the shared flags: the device (an explicit CUDA index), thread count, and the timing
+    (``quick`` with --quick, else ``base``; --min-run-time overrides either)."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    timing = quick if args.quick else (base or TimingConfig())
+    if args.min_run_time:
+        timing = replace(timing, min_run_time=args.min_run_time)
+    return device, timing
 
 
 def csv_path(args: argparse.Namespace, env: Env) -> Path | None:
