@@ -68,3 +68,16 @@ def pytest_runtest_setup(item):
 def triton_device() -> str:
     """Device the Triton kernels run on here: cuda, or cpu under the interpreter."""
     return "cuda" if has_cuda() else "cpu"
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """For modules of tiny shapes (``pytestmark = pytest.mark.usefixtures("one_thread")``): an
+    intra-op thread pool costs 10-40 ms per call on a busy machine and would dominate gradcheck
+    and the interpreter tests."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -17,12 +17,7 @@ from mae3d.sparse import active_mask, mask_input, sparsify
 BLOCK, SIZE = 4, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: a thread pool costs more than it saves
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Block(nn.Module):

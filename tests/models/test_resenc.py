@@ -15,12 +15,7 @@ from mae3d.models import ResEncUNet, resenc_preset
 SMALL = {"features": [4, 8, 12], "blocks": [1, 2, 1], "strides": [1, 2, 2]}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def dna_from_plan(plan: dict, in_channels: int, out_channels: int, **kw) -> nn.Module:

@@ -22,12 +22,7 @@ TINY = {"features": [2, 4, 4], "blocks": [1, 1, 1], "strides": [1, 2, 2]}
 MICRO = {"features": [2, 2], "blocks": [1, 1], "strides": [1, 2]}  # Triton interpreter
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny shapes: a thread pool costs more than it saves
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _randomize(model: nn.Module, seed: int = 0) -> None:

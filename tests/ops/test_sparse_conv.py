@@ -26,14 +26,7 @@ BUDGET = {"out": 2.0, "grad": 3.0}
 FLOOR = {torch.float64: 1e-10, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The shapes here are tiny: an intra-op thread pool costs 10-40 ms per call on a busy
-    machine and would dominate the run time of gradcheck and the interpreter tests."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_case(shape, cout, k, block_size, ratio, dtype, seed=0, device="cpu"):
