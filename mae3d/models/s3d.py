@@ -25,27 +25,12 @@ from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.models.base import MAEOutput
 from mae3d.models.resenc import ConvNormAct, ResEncUNet
 from mae3d.nn.norm import MaskedInstanceNorm3d
-from mae3d.sparse import _MaskedConv3d, active_mask, mask_input, sparsify
+from mae3d.sparse import active_mask, mask_input, sparsify
 
 __all__ = ["S3D", "load_pretrained_encoder"]
 
 _FORMAT = "mae3d-s3d-encoder/1"
 STEM_KEYS = ("encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight")
-
-
-class _AutocastSparseConv3d(_MaskedConv3d):
-    """The sparse conv under torch.autocast: the op has no autocast rule, so cast input and
-    parameters to the autocast dtype here (what autocast does for F.conv3d)."""
-
-    def forward(self, x: Tensor, block_mask: Tensor | None = None,
-                block_size: int | None = None) -> Tensor:
-        dev = x.device.type
-        if dev == "meta" or not torch.is_autocast_enabled(dev):
-            return super().forward(x, block_mask, block_size)
-        dt = torch.get_autocast_dtype(dev)
-        params = {n: p.to(dt) for n, p in self.named_parameters(recurse=False)}
-        with torch.autocast(dev, enabled=False):
-            return torch.func.functional_call(self, params, (x.to(dt), block_mask, block_size))
 
 
 def _check_ratio(r) -> float | tuple[float, float]:
@@ -109,8 +94,6 @@ class S3D(nn.Module):
         self.backbone = backbone
         enc = sparsify(backbone.encoder, strict=True)
         for mod in enc.modules():
-            if isinstance(mod, _MaskedConv3d):
-                mod.__class__ = _AutocastSparseConv3d
             if isinstance(mod, ConvNormAct) and hasattr(mod, "nonlin"):
                 mod.norm.negative_slope = mod.nonlin.negative_slope  # fused into the masked norm
         feats = backbone.plan["features"]

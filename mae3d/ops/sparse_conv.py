@@ -440,5 +440,15 @@ def sparse_conv3d(
     """
     k = weight.shape[-1] if isinstance(weight, Tensor) else 0
     padding = k // 2 if padding is None else padding
+    dev = x.device.type if isinstance(x, Tensor) else ""
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        # What autocast does for F.conv3d: run in the autocast dtype (weights cast per call).
+        dt = torch.get_autocast_dtype(dev)
+        x, weight = x.to(dt), weight.to(dt)
+        bias = None if bias is None else bias.to(dt)
+        with torch.autocast(dev, enabled=False):
+            _check(x, weight, bias, block_mask, block_size, stride, padding)
+            return torch.ops.mae3d.sparse_conv3d(x, weight, bias, block_mask, block_size, stride,
+                                                 padding)
     _check(x, weight, bias, block_mask, block_size, stride, padding)
     return torch.ops.mae3d.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding)

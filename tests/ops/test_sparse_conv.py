@@ -396,3 +396,20 @@ def test_tile_list_is_built_on_device_active_first():
     # tile ids are (b, td, th, tw) row-major; the three active ones first, in order
     assert tiles[:3].tolist() == [0 * 8 + 1 * 4 + 0 * 2 + 1, 8 + 0 + 2 + 0, 8 + 4 + 2 + 0]
     assert sorted(tiles.tolist()) == list(range(16))
+
+
+def test_autocast_runs_in_the_autocast_dtype():
+    """Under torch.autocast the op behaves like F.conv3d: inputs and parameters are cast to the
+    autocast dtype; gradients come back in the parameters' dtype."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 16, 16, 16, generator=g, requires_grad=True)
+    w = torch.randn(6, 4, 3, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(6, generator=g, requires_grad=True)
+    m = random_block_mask(2, 4, 0.5, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = sparse_conv3d(x, w, b, m, 4)
+    ref = sparse_conv3d(x.bfloat16(), w.bfloat16(), b.bfloat16(), m, 4)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y, ref, atol=0, rtol=0)
+    y.float().sum().backward()
+    assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
