@@ -237,6 +237,9 @@ def _version(dist: str) -> str:
 
 
 def _git_sha() -> str:
+    """HEAD's short SHA; ``MAE3D_GIT_SHA`` when the checkout has no .git (a copied tree)."""
+    if os.environ.get("MAE3D_GIT_SHA"):
+        return os.environ["MAE3D_GIT_SHA"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short=12", "HEAD"],
