@@ -288,15 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
     env = H.environment(cfg.device)
     H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    results: list[H.Result] = []
-    for case in cfg.cases:
-        results += run_case(case, cfg)
-    data = H.rows(results, env, SUBJECT)
+    path = H.csv_path(args, env)
+    data: list[dict] = []
+    for case in cfg.cases:  # rows are appended per case: a run stopped early keeps what it measured
+        rows = H.rows(run_case(case, cfg), env, SUBJECT)
+        if path is not None:
+            H.append_csv(path, rows)
+        data += rows
     print()
     print(H.format_table(data))
-    path = H.csv_path(args, env)
     if path is not None:
-        H.append_csv(path, data)
         print(f"\n{len(data)} rows appended to {path}")
     return 0
 
