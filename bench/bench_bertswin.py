@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     H.print_header(OP, env, cfg["dtype"], *backend_for(cfg["device"].type))
     path = H.csv_path(args, env)
     data: list[dict] = []
-    for case in cfg["cases"]:  # rows are appended per case: a run stopped early keeps what it measured
+    for case in cfg["cases"]:  # rows appended per case: a run stopped early keeps them
         rows = H.rows(run_case(case, cfg), env, SUBJECT)
         if path is not None:
             H.append_csv(path, rows)
