@@ -101,7 +101,7 @@ def _sparse_conv3d_fwd_kernel(
                                  mask=c_ok[:, None] & n_ok[None, :], other=0.0)
                     if UPCAST:
                         a, wv = a.to(tl.float32), wv.to(tl.float32)
-                    acc = tl.dot(a, wv, acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(a, wv, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n_ok, other=0.0).to(ACC_DTYPE)[None, :]
     # Inactive voxels of an active tile are stored as exact zeros (a select: no NaN * 0).
@@ -160,7 +160,7 @@ def _sparse_conv3d_dgrad_kernel(
                                  mask=n_ok[:, None] & c_ok[None, :], other=0.0)
                     if UPCAST:
                         gv, wv = gv.to(tl.float32), wv.to(tl.float32)
-                    acc = tl.dot(gv, wv, acc, input_precision=DOT_PRECISION)
+                    acc = tl.dot(gv, wv, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     o = (gx_ptr + b.to(tl.int64) * stride_gx_b + id_.to(tl.int64)[:, None] * stride_gx_d
          + ih.to(tl.int64)[:, None] * stride_gx_h + iw.to(tl.int64)[:, None] * stride_gx_w
          + c.to(tl.int64)[None, :] * stride_gx_c)
@@ -214,7 +214,8 @@ def _sparse_conv3d_wgrad_kernel(
         xv = tl.load(x_t, mask=ok[:, None] & c_ok[None, :], other=0.0)
         if UPCAST:
             gv, xv = gv.to(tl.float32), xv.to(tl.float32)
-        acc = tl.dot(tl.trans(gv), xv, acc, input_precision=DOT_PRECISION)
+        acc = tl.dot(tl.trans(gv), xv, acc, input_precision=DOT_PRECISION,
+                     out_dtype=ACC_DTYPE)
     KK: tl.constexpr = KS * KS * KS
     p = part_ptr + ((chunk.to(tl.int64) * Cout + n[:, None]) * Cin + c[None, :]) * KK + kk
     tl.store(p, acc, mask=n_ok[:, None] & c_ok[None, :])

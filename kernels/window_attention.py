@@ -24,7 +24,9 @@ import torch
 import triton
 import triton.language as tl
 
-_MASK_VALUE = -100.0  # torchvision's additive mask between tokens of different shift regions
+# torchvision's additive mask between tokens of different shift regions (a constexpr: compiled
+# kernels may read only constexpr globals)
+_MASK_VALUE = tl.constexpr(-100.0)
 # dq-kernel programs per SM: each owns an (N, N) fp32 bias-gradient partial per head, so more
 # programs cost memory (BertsWin, 12 heads: 5.6 MB per chunk); two waves keep an H100 busy.
 _PROGRAMS_PER_SM = 2

@@ -39,3 +39,9 @@ def block_mask(shape, block: int, ratio: float, seed: int = 0, device="cpu") -> 
     for dim in (2, 3, 4):
         vis = vis.repeat_interleave(block, dim=dim)
     return vis[:, :, :D, :H, :W].contiguous().to(device)
+
+
+def no_tf32():
+    """fp32 convolutions without TF32 (cuDNN's default allows it): for comparisons of fp32 GPU
+    results with fp32 CPU references at fp32 tolerances."""
+    return torch.backends.cudnn.flags(enabled=True, allow_tf32=False)

@@ -8,6 +8,7 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
+from mae3d_testing import no_tf32
 
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.ops import use_backend
@@ -62,7 +63,7 @@ def assert_matches(case, stride, padding=None, backend="packed", device="cpu", w
     exact = run(sparse_conv3d_reference, case, torch.float64, stride, padding, "cpu", with_bias)
     eager = run(sparse_conv3d_reference, case, dtype, stride, padding, "cpu", with_bias)
     force = "cpp" if backend == "packed" else backend
-    with use_backend(force):
+    with use_backend(force), no_tf32():  # the kernel follows cuDNN's TF32 switch for fp32
         assert backend_for(device)[0] == backend
         got = run(sparse_conv3d, case, dtype, stride, padding, device, with_bias)
     names = ("out", "grad_x", "grad_weight", "grad_bias")
@@ -147,19 +148,22 @@ def test_only_active_outputs_feed_the_gradients(backend):
 
 @pytest.mark.parametrize("backend", ["packed", "reference",
                                      pytest.param("triton", marks=pytest.mark.triton)])
-def test_input_without_grad_skips_dgrad(backend):
+def test_input_without_grad_skips_dgrad(backend, request):
     """The first conv of a network: x needs no gradient, the backward runs no dgrad (and counts
     no dgrad FLOPs); weight and bias gradients are unchanged."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    dev = request.getfixturevalue("triton_device") if backend == "triton" else "cpu"
     case = make_case((1, 3, 2, 2, 4), 4, 3, 2, 0.5, torch.float32, seed=7)
     x, m = case["x"].float(), case["block_mask"]
     w0, b0 = case["weight"].float(), case["bias"].float()
     gy = torch.randn(1, 4, 2, 2, 4)
-    w, b = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
-    with use_backend("cpp" if backend == "packed" else backend), \
+    w, b = w0.clone().to(dev).requires_grad_(True), b0.clone().to(dev).requires_grad_(True)
+    with use_backend("cpp" if backend == "packed" else backend), no_tf32(), \
             FlopCounterMode(display=False) as counter:
-        gw, gb = torch.autograd.grad(sparse_conv3d(x, w, b, m, 2), (w, b), gy)
+        gw, gb = torch.autograd.grad(sparse_conv3d(x.to(dev), w, b, m.to(dev), 2), (w, b),
+                                     gy.to(dev))
+        gw, gb = gw.cpu(), gb.cpu()
     wr, br = w0.clone().requires_grad_(True), b0.clone().requires_grad_(True)
     gwr, gbr = torch.autograd.grad(sparse_conv3d_reference(x, wr, br, m, 2), (wr, br), gy)
     torch.testing.assert_close(gw, gwr, atol=1e-5, rtol=1e-5)
