@@ -8,6 +8,8 @@ round(ratio * cells) masked 16^3 blocks per sample, SGD Nesterov 0.99 with grad-
                   reference backend) and boolean-gather masked InstanceNorm
                   (bench_masked_norm.nnssl_gather: gather -> F.instance_norm -> scatter)
   nnssl_compiled  nnssl_eager's model forward under torch.compile, when it compiles
+  mae3d_packed    (GPU) mae3d's S3D with the sparse convs on the packed backend (active blocks +
+                  halo gathered, cuDNN conv, scatter) instead of the Triton implicit GEMM
 The configuration: ResEnc-L at 160^3, batch 2, bf16 autocast on GPU (the paper's recipe);
 on CPU a reduced ResEnc (widths / 4) at 64^3 in fp32; --quick: a 5-stage ResEnc at 32^3.
 Reported: median step time (p20/p80), peak memory above the resting state (weights, optimizer
@@ -30,7 +32,6 @@ import copy
 import gc
 import sys
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,7 +61,7 @@ CONFIGS = {  # name: (ResEncUNet overrides, input edge, batch, block size)
                "strides": [1, 2, 2, 2, 2]}, 32, 2, 8),
 }
 RATIOS = (0.6, 0.75, 0.9)
-PROVIDERS = ("mae3d", "nnssl_eager", "nnssl_compiled")
+PROVIDERS = ("mae3d", "mae3d_packed", "nnssl_eager", "nnssl_compiled")
 QUICK_PROVIDERS = ("mae3d", "nnssl_eager")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -113,7 +114,16 @@ def nnssl_emulation(model: S3D) -> S3D:
     return emu
 
 
-def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, reference: bool,
+def provider_context(name: str):
+    """The backend context a provider's forward and backward run under."""
+    if name == SUBJECT:
+        return contextlib.nullcontext()
+    if name == "mae3d_packed":
+        return H.sparse_conv_backend("packed")
+    return use_backend("reference")  # the emulations: dense conv x mask
+
+
+def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, name: str,
               forward=None):
     """One pre-training step: zero grads, forward under autocast, backward, clip, SGD step."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -125,10 +135,10 @@ def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, refer
 
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
-        ctx = use_backend("reference") if reference else contextlib.nullcontext()
-        with ctx, torch.autocast(x.device.type, dtype=cfg.dtype, enabled=amp):
-            loss = fwd(x, mask).loss
-        loss.backward()
+        with provider_context(name):
+            with torch.autocast(x.device.type, dtype=cfg.dtype, enabled=amp):
+                loss = fwd(x, mask).loss
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(params, S3D.GRAD_CLIP_NORM)
         opt.step()
         return loss.detach()
@@ -150,10 +160,12 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
     ceiling = H.copy_bandwidth_gbps(nparam, torch.float32, cfg.device, cfg.timing)
     steps, ref_loss = {}, None
     for name in cfg.providers:
-        model = copy.deepcopy(base) if name == SUBJECT else nnssl_emulation(base)
+        if name == "mae3d_packed" and cfg.device.type != "cuda":
+            continue  # on CPU mae3d's default sparse-conv backend is the packed one
+        model = copy.deepcopy(base) if name.startswith(SUBJECT) else nnssl_emulation(base)
         try:
             fwd = torch.compile(model, dynamic=False) if name == "nnssl_compiled" else None
-            step, _ = make_step(model, x, mask, cfg, reference=name != SUBJECT, forward=fwd)
+            step, _ = make_step(model, x, mask, cfg, name, forward=fwd)
             loss = step().item()  # also the compile / warm-up call
         except Exception as e:
             if name == SUBJECT:
@@ -170,7 +182,8 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
         t = H.time_fn(step, cfg.device, cfg.timing)
         mem, how = H.peak_memory(step, cfg.device)
         backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
-            "inductor" if name == "nnssl_compiled" else "torch")
+            "inductor" if name == "nnssl_compiled" else
+            "packed" if name == "mae3d_packed" else "torch")
         results.append(H.Result(OP, name, backend, variant, "step", shape, cfg.dtype, t, nbytes,
                                 ceiling, mem, how))
         vps = B * size**3 / (t.p50_ms * 1e-3)
@@ -181,17 +194,17 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
     for name, (model, _step) in steps.items():
         if name == "nnssl_compiled":
             continue
-        ctx = contextlib.nullcontext if name == SUBJECT else partial(use_backend, "reference")
-
-        def enc_pass(model=model, ctx=ctx) -> None:
-            with ctx(), torch.autocast(x.device.type, dtype=cfg.dtype,
-                                       enabled=cfg.dtype != torch.float32):
-                skips, _ = model.encode(x, mask)
-            torch.autograd.backward(skips, [torch.ones_like(f) for f in skips])
+        def enc_pass(model=model, name=name) -> None:
+            with provider_context(name):
+                with torch.autocast(x.device.type, dtype=cfg.dtype,
+                                    enabled=cfg.dtype != torch.float32):
+                    skips, _ = model.encode(x, mask)
+                torch.autograd.backward(skips, [torch.ones_like(f) for f in skips])
 
         t = H.time_fn(enc_pass, cfg.device, cfg.timing)
         mem, how = H.peak_memory(enc_pass, cfg.device)
-        backend = backend_for(cfg.device.type)[0] if name == SUBJECT else "torch"
+        backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
+            "packed" if name == "mae3d_packed" else "torch")
         results.append(H.Result(OP, name, backend, variant, "encoder fwd+bwd", shape, cfg.dtype,
                                 t, 0, ceiling, mem, how))
         print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"

@@ -61,7 +61,7 @@ CPU_CASES = [(2, 32, 32, 64, 3, 1), (2, 64, 64, 32, 3, 1), (2, 32, 64, 64, 3, 2)
 QUICK_CASES = [(2, 32, 32, 64, 3, 1)]
 RATIOS = (0.0, 0.6, 0.75, 0.9)
 QUICK_RATIOS = (0.0, 0.75)
-PROVIDERS = ("mae3d", "dense_mask", "spconv")
+PROVIDERS = ("mae3d", "packed", "dense_mask", "spconv")  # packed: GPU only (CPU mae3d is packed)
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,11 +108,23 @@ def make_provider(name: str, inp: dict) -> Callable:
     m, bs, s, k, omask = inp["m"], inp["bs"], inp["stride"], inp["k"], inp["omask"]
     if name == "mae3d":
         return lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2)
+    if name == "packed":
+        if not inp["x"].is_cuda:
+            raise RuntimeError("on CPU mae3d's default backend is the packed one")
+        return _packed(lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2))
     if name == "dense_mask":
         return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
     if name == "spconv":
         return _spconv_provider(inp)
     raise ValueError(name)
+
+
+def _packed(f: Callable) -> Callable:
+    def g(*args):
+        with H.sparse_conv_backend("packed"):
+            return f(*args)
+
+    return g
 
 
 def _spconv_provider(inp):
@@ -175,6 +187,8 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
         for name, f in fns.items():
             fn = H.pass_fn(mode, partial(f, inp["x"]), partial(f, inp["xr"]),
                            [inp["xr"], inp["w"], inp["b"]], inp["gy"])
+            if name == "packed":  # its backward too
+                fn = _packed(fn)
             t = H.time_fn(fn, cfg.device, cfg.timing)
             mem, how = H.peak_memory(fn, cfg.device)
             del fn
@@ -192,7 +206,8 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
 
 
 def backend_of(name: str, device: torch.device) -> str:
-    return backend_for(device.type)[0] if name == SUBJECT else "torch"
+    return backend_for(device.type)[0] if name == SUBJECT else (
+        "packed" if name == "packed" else "torch")
 
 
 def build_config(argv=None):
@@ -206,7 +221,8 @@ def build_config(argv=None):
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
     cases = GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES)
-    providers = a.providers or PROVIDERS
+    providers = a.providers or tuple(
+        p for p in PROVIDERS if device.type == "cuda" or p != "packed")
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = BenchConfig(

@@ -21,6 +21,7 @@ timed the same way (2 * nbytes per call): achieved GB/s are reported as % of it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import ctypes
 import datetime
@@ -121,6 +122,21 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     lo = int(pos)
     hi = min(lo + 1, len(s) - 1)
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
+
+
+@contextlib.contextmanager
+def sparse_conv_backend(name: str):
+    """Benchmarks only: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` ("packed":
+    gather active blocks + halo, the library's dense conv, scatter; "triton") whatever the
+    device's default, to compare the two on a GPU."""
+    import mae3d.ops.sparse_conv as SC
+
+    orig = SC.backend_for
+    SC.backend_for = lambda device_type: (name, "forced by the benchmark")
+    try:
+        yield
+    finally:
+        SC.backend_for = orig
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, cfg: TimingConfig) -> Timing:

@@ -30,6 +30,18 @@ def use_backend(name: str) -> Iterator[None]:
         _override.pop()
 
 
+def remember(ctx) -> None:
+    """In a custom op's ``setup_context``: note the backend request the forward ran under."""
+    ctx.mae3d_backend = requested()
+
+
+def as_in_forward(ctx) -> contextlib.AbstractContextManager:
+    """In a custom op's backward: run under the request the forward ran under (``remember``), so
+    a forward inside ``use_backend(...)`` gets the matching backward even when
+    ``loss.backward()`` runs after the block has closed."""
+    return use_backend(getattr(ctx, "mae3d_backend", "auto"))
+
+
 def requested() -> str:
     if _override:
         return _override[-1]

@@ -360,13 +360,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, mask, weight, bias, mean, var, count)
     ctx.args = (mode, use_input_stats, eps, slope, group_name)
     ctx.mark_non_differentiable(mean, var, count)
+    _backend.remember(ctx)
 
 
 def _backward(ctx, grad_out, _gmean, _gvar, _gcount):
     x, mask, weight, bias, mean, var, count = ctx.saved_tensors
-    gx, gw, gb = torch.ops.mae3d.masked_norm_backward(
-        grad_out, x, mask, weight, bias, mean, var, count, *ctx.args
-    )
+    with _backend.as_in_forward(ctx):
+        gx, gw, gb = torch.ops.mae3d.masked_norm_backward(
+            grad_out, x, mask, weight, bias, mean, var, count, *ctx.args
+        )
     return (gx, None, gw if weight is not None else None, gb if bias is not None else None,
             None, None, None, None, None, None, None)
 

@@ -348,13 +348,15 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, block_mask, block_size, stride, padding = inputs
     ctx.save_for_backward(x, weight, block_mask)
     ctx.args = (block_size, stride, padding, bias is not None)
+    _backend.remember(ctx)
 
 
 def _backward(ctx, grad_out):
     x, weight, block_mask = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
-    gx, gw, gb = torch.ops.mae3d.sparse_conv3d_backward(grad_out, x, weight, block_mask,
-                                                        *ctx.args, needs_x)
+    with _backend.as_in_forward(ctx):
+        gx, gw, gb = torch.ops.mae3d.sparse_conv3d_backward(grad_out, x, weight, block_mask,
+                                                            *ctx.args, needs_x)
     return (gx if needs_x else None), gw, (gb if ctx.args[3] else None), None, None, None, None
 
 

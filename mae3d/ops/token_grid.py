@@ -220,13 +220,15 @@ def _setup_context(ctx, inputs, output):
     # Only the dtype and shape of mask_token / pos_embed are read by the backward.
     ctx.save_for_backward(idx, mask_token, pos_embed)
     ctx.mark_non_differentiable(idx)
+    _backend.remember(ctx)
 
 
 def _backward(ctx, grad_out, _grad_idx):
     idx, mask_token, pos_embed = ctx.saved_tensors
     want_pos = ctx.has_pos and ctx.needs_input_grad[3]
-    g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
-        grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
+    with _backend.as_in_forward(ctx):
+        g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
+            grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
     return g_vis, None, g_tok, (g_pos if want_pos else None)
 
 

@@ -227,13 +227,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, table, out, lse)
     ctx.args = (ws, ss, bw, scale)
     ctx.mark_non_differentiable(lse)
+    _backend.remember(ctx)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, table, out, lse = ctx.saved_tensors
-    dq, dk, dv, dt = torch.ops.mae3d.window_attention3d_backward(
-        grad_out, q, k, v, out, lse, table, *ctx.args
-    )
+    with _backend.as_in_forward(ctx):
+        dq, dk, dv, dt = torch.ops.mae3d.window_attention3d_backward(
+            grad_out, q, k, v, out, lse, table, *ctx.args
+        )
     return dq, dk, dv, (dt if table is not None else None), None, None, None, None
 
 
