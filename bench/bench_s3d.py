@@ -8,8 +8,9 @@ round(ratio * cells) masked 16^3 blocks per sample, SGD Nesterov 0.99 with grad-
                   reference backend) and boolean-gather masked InstanceNorm
                   (bench_masked_norm.nnssl_gather: gather -> F.instance_norm -> scatter)
   nnssl_compiled  nnssl_eager's model forward under torch.compile, when it compiles
-  mae3d_packed    (GPU) mae3d's S3D with the sparse convs on the packed backend (active blocks +
-                  halo gathered, cuDNN conv, scatter) instead of the Triton implicit GEMM
+  mae3d_triton    (GPU) mae3d's S3D with the sparse convs on the Triton implicit GEMM (the CUDA
+                  default is the dense conv + mask, measured faster)
+  mae3d_packed    (GPU) the same with the packed backend (active blocks + halo, cuDNN, scatter)
 The configuration: ResEnc-L at 160^3, batch 2, bf16 autocast on GPU (the paper's recipe);
 on CPU a reduced ResEnc (widths / 4) at 64^3 in fp32; --quick: a 5-stage ResEnc at 32^3.
 Reported: median step time (p20/p80), peak memory above the resting state (weights, optimizer
@@ -61,7 +62,8 @@ CONFIGS = {  # name: (ResEncUNet overrides, input edge, batch, block size)
                "strides": [1, 2, 2, 2, 2]}, 32, 2, 8),
 }
 RATIOS = (0.6, 0.75, 0.9)
-PROVIDERS = ("mae3d", "mae3d_packed", "nnssl_eager", "nnssl_compiled")
+PROVIDERS = ("mae3d", "mae3d_triton", "mae3d_packed", "nnssl_eager", "nnssl_compiled")
+FORCED = {"mae3d_triton": "triton", "mae3d_packed": "packed"}  # GPU only
 QUICK_PROVIDERS = ("mae3d", "nnssl_eager")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -118,8 +120,8 @@ def provider_context(name: str):
     """The backend context a provider's forward and backward run under."""
     if name == SUBJECT:
         return contextlib.nullcontext()
-    if name == "mae3d_packed":
-        return H.sparse_conv_backend("packed")
+    if name in FORCED:
+        return H.sparse_conv_backend(FORCED[name])
     return use_backend("reference")  # the emulations: dense conv x mask
 
 
@@ -160,7 +162,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
     ceiling = H.copy_bandwidth_gbps(nparam, torch.float32, cfg.device, cfg.timing)
     steps, ref_loss = {}, None
     for name in cfg.providers:
-        if name == "mae3d_packed" and cfg.device.type != "cuda":
+        if name in FORCED and cfg.device.type != "cuda":
             continue  # on CPU mae3d's default sparse-conv backend is the packed one
         model = copy.deepcopy(base) if name.startswith(SUBJECT) else nnssl_emulation(base)
         try:
@@ -183,7 +185,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
         mem, how = H.peak_memory(step, cfg.device)
         backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
             "inductor" if name == "nnssl_compiled" else
-            "packed" if name == "mae3d_packed" else "torch")
+            FORCED.get(name, "torch"))
         results.append(H.Result(OP, name, backend, variant, "step", shape, cfg.dtype, t, nbytes,
                                 ceiling, mem, how))
         vps = B * size**3 / (t.p50_ms * 1e-3)
@@ -204,7 +206,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
         t = H.time_fn(enc_pass, cfg.device, cfg.timing)
         mem, how = H.peak_memory(enc_pass, cfg.device)
         backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
-            "packed" if name == "mae3d_packed" else "torch")
+            FORCED.get(name, "torch"))
         results.append(H.Result(OP, name, backend, variant, "encoder fwd+bwd", shape, cfg.dtype,
                                 t, 0, ceiling, mem, how))
         print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"

@@ -3,7 +3,10 @@
 Providers, all computing the same thing on the same inputs (x zero on masked voxels, a 16^3-block
 mask of the 160^3 patch, i.e. a grid with round(ratio * cells) masked cells per sample, weight and
 bias with requires_grad):
-  mae3d        mae3d.ops.sparse_conv.sparse_conv3d (Triton on GPU, packed blocks on CPU)
+  mae3d        mae3d.ops.sparse_conv.sparse_conv3d on the device's default backend (packed blocks
+               on CPU; on CUDA the dense conv + mask, measured faster than the Triton kernel)
+  triton       (GPU) the op with its Triton implicit-GEMM kernel forced
+  packed       (GPU) the op with the packed backend forced (active blocks + halo, cuDNN, scatter)
   dense_mask   F.conv3d on the whole volume, then multiplied by the output mask: what SparK and
                S3D do (mae3d.reference.sparse_conv3d_reference is the same with a select)
   spconv       spconv SubMConv3d / SparseConv3d on the active voxels, when spconv is installed
@@ -61,7 +64,9 @@ CPU_CASES = [(2, 32, 32, 64, 3, 1), (2, 64, 64, 32, 3, 1), (2, 32, 64, 64, 3, 2)
 QUICK_CASES = [(2, 32, 32, 64, 3, 1)]
 RATIOS = (0.0, 0.6, 0.75, 0.9)
 QUICK_RATIOS = (0.0, 0.75)
-PROVIDERS = ("mae3d", "packed", "dense_mask", "spconv")  # packed: GPU only (CPU mae3d is packed)
+# triton / packed: GPU only, each backend forced (mae3d = the default backend of the device)
+PROVIDERS = ("mae3d", "triton", "packed", "dense_mask", "spconv")
+FORCED = ("triton", "packed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd",)
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -108,10 +113,10 @@ def make_provider(name: str, inp: dict) -> Callable:
     m, bs, s, k, omask = inp["m"], inp["bs"], inp["stride"], inp["k"], inp["omask"]
     if name == "mae3d":
         return lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2)
-    if name == "packed":
+    if name in FORCED:
         if not inp["x"].is_cuda:
-            raise RuntimeError("on CPU mae3d's default backend is the packed one")
-        return _packed(lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2))
+            raise RuntimeError(f"{name} is compared on CUDA only")
+        return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2))
     if name == "dense_mask":
         return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
     if name == "spconv":
@@ -119,9 +124,9 @@ def make_provider(name: str, inp: dict) -> Callable:
     raise ValueError(name)
 
 
-def _packed(f: Callable) -> Callable:
+def _forced(backend: str, f: Callable) -> Callable:
     def g(*args):
-        with H.sparse_conv_backend("packed"):
+        with H.sparse_conv_backend(backend):
             return f(*args)
 
     return g
@@ -187,8 +192,8 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
         for name, f in fns.items():
             fn = H.pass_fn(mode, partial(f, inp["x"]), partial(f, inp["xr"]),
                            [inp["xr"], inp["w"], inp["b"]], inp["gy"])
-            if name == "packed":  # its backward too
-                fn = _packed(fn)
+            if name in FORCED:  # its backward too
+                fn = _forced(name, fn)
             t = H.time_fn(fn, cfg.device, cfg.timing)
             mem, how = H.peak_memory(fn, cfg.device)
             del fn
@@ -207,7 +212,7 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
 
 def backend_of(name: str, device: torch.device) -> str:
     return backend_for(device.type)[0] if name == SUBJECT else (
-        "packed" if name == "packed" else "torch")
+        name if name in FORCED else "torch")
 
 
 def build_config(argv=None):
@@ -222,7 +227,7 @@ def build_config(argv=None):
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
     cases = GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES)
     providers = a.providers or tuple(
-        p for p in PROVIDERS if device.type == "cuda" or p != "packed")
+        p for p in PROVIDERS if device.type == "cuda" or p not in FORCED)
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = BenchConfig(

@@ -132,12 +132,25 @@ def _memory_format(x: Tensor) -> torch.memory_format:
 # --------------------------------------------------------------------------------------------
 # Backend choice
 # --------------------------------------------------------------------------------------------
+# Measured on an H100 (bf16, ResEnc-L's 32-ch 160^3 and 64-ch 80^3 convs, 16^3 blocks;
+# bench/results/nvidia-h100-80gb-hbm3.csv): the Triton implicit GEMM's forward + backward takes
+# 1.4-4.2x the time of cuDNN's dense conv + mask at ratios 0.6-0.9 (its backward reaches 5-17
+# effective TFLOP/s); only its forward at ratio 0.9 is faster (1.6-1.9x). Until it is tuned the
+# default on CUDA is the dense conv + mask, which computes the same output; MAE3D_BACKEND=triton
+# (or use_backend("triton")) runs the kernel, which holds ~0.6x the memory.
+_CUDA_DEFAULT = ("reference", "default on CUDA: cuDNN dense conv + mask, measured faster than "
+                 "the Triton kernel (MAE3D_BACKEND=triton selects it)")
+
+
 def backend_for(device_type: str) -> tuple[str, str]:
     """(backend, reason) that ``sparse_conv3d`` uses for tensors on ``device_type`` right now."""
-    return _backend.choose_triton_or_torch(
+    name, why = _backend.choose_triton_or_torch(
         _OP, device_type, "packed", "gather active blocks + halo, dense conv, scatter",
         cuda_note=" (packed syncs with the host on CUDA)",
         other=("reference", f"no kernel for {device_type}"))
+    if device_type == "cuda" and (name, why) == ("triton", "default"):
+        return _CUDA_DEFAULT
+    return name, why
 
 
 # --------------------------------------------------------------------------------------------

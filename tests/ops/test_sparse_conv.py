@@ -3,6 +3,7 @@ and backward; input checks, opcheck, gradcheck, torch.compile, FLOP formula."""
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 
 import pytest
@@ -307,6 +308,11 @@ def test_forced_backends():
     with use_backend("cpp"), pytest.raises(RuntimeError, match="forced"):
         backend_for("cuda")
     assert backend_for("cpu")[0] == "packed"
+    # CUDA: the dense conv + mask (measured faster than the Triton kernel) unless Triton is forced
+    assert backend_for("cuda")[0] == "reference"
+    if importlib.util.find_spec("triton") is not None:
+        with use_backend("triton"):
+            assert backend_for("cuda") == ("triton", "forced")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -417,3 +423,29 @@ def test_autocast_runs_in_the_autocast_dtype():
     torch.testing.assert_close(y, ref, atol=0, rtol=0)
     y.float().sum().backward()
     assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("forced", ["reference", "cpp"])
+def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, forced):
+    """A forward inside use_backend(...) gets the matching backward even when backward() runs
+    after the block has closed (the default here would be the other backend)."""
+    import mae3d.ops.sparse_conv as SC
+
+    calls = []
+    for name in ("_ref_bwd", "_packed_bwd"):
+        orig = getattr(SC, name)
+
+        def spy(*a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(SC, name, spy)
+    case = make_case((1, 2, 4, 4, 8), 3, 3, 4, 0.5, torch.float32, seed=3)
+    x = case["x"].float().requires_grad_(True)
+    w = case["weight"].float().requires_grad_(True)
+    with use_backend(forced):
+        y = sparse_conv3d(x, w, None, case["block_mask"], 4)
+    other = "cpp" if forced == "reference" else "reference"
+    with use_backend(other):  # the request in force when backward() runs does not matter
+        y.sum().backward()
+    assert calls == ["_ref_bwd" if forced == "reference" else "_packed_bwd"]
