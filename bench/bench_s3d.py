@@ -2,8 +2,9 @@
 
 Providers, all training the same network (same initial weights, same input and block mask, exactly
 round(ratio * cells) masked 16^3 blocks per sample, SGD Nesterov 0.99 with grad-norm clip 12):
-  mae3d           mae3d.models.S3D: sparse convs on active blocks, fused masked InstanceNorm +
-                  LeakyReLU (Triton on GPU; packed blocks + C++ on CPU)
+  mae3d           mae3d.models.S3D on the default backends: fused masked InstanceNorm +
+                  LeakyReLU (Triton on GPU, C++ on CPU); sparse convs on the active blocks on
+                  CPU (packed), dense conv + mask on CUDA (measured faster than the Triton kernel)
   nnssl_eager     the nnssl/S3D emulation on the same model: dense conv x mask (mae3d's
                   reference backend) and boolean-gather masked InstanceNorm
                   (bench_masked_norm.nnssl_gather: gather -> F.instance_norm -> scatter)
