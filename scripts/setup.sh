@@ -19,7 +19,8 @@ pip install -q ninja numpy
 pip install -q --no-build-isolation -e ".[$extras]"
 # --no-deps: mae3d reads the MNI152 template files shipped inside nilearn's wheel and never imports
 # nilearn (its scientific stack is not needed); dynamic-network-architectures would pull timm and
-# torchvision, i.e. a CUDA torch build, and is only used to check weight compatibility in the tests.
+# torchvision, i.e. a CUDA torch build, and is only used to check weight compatibility in the tests;
+# MONAI (its SwinUNETR, for the fused-attention swap test) needs only torch and numpy.
 pip install -q --no-deps nilearn
-[ "${1:-}" != dev ] || pip install -q --no-deps dynamic-network-architectures einops
+[ "${1:-}" != dev ] || pip install -q --no-deps dynamic-network-architectures einops monai
 .venv/bin/python -m mae3d.env

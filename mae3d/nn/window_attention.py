@@ -125,8 +125,8 @@ def swap_window_attention(model: nn.Module, types: tuple[type, ...] | None = Non
     of ``types``, which must have its constructor attributes and state_dict) by the mae3d module,
     in place, keeping weights, device, dtype and train/eval mode. Returns how many were replaced.
 
-    MONAI SwinUNETR's ``WindowAttention`` is not handled: it receives already partitioned windows
-    and a precomputed mask, so the fused op cannot replace it without changing its caller.
+    MONAI SwinUNETR's ``WindowAttention`` receives already partitioned windows and a precomputed
+    mask, so it is swapped one level up, per Swin block: ``mae3d.nn.swap_monai_window_attention``.
     """
     types = _torchvision_types() if types is None else tuple(types)
     if not types:
