@@ -48,7 +48,7 @@ def _build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="run an op or model benchmark and print its table")
     bench.add_argument("--op", default="masked_norm",
                        choices=["masked_norm", "window_attention", "sparse_conv", "s3d",
-                                "bertswin"])
+                                "bertswin", "swinunetr"])
     _pretrain_parser(sub)
     r = sub.add_parser("reconstruct", help="PNG of input / masked input / reconstruction")
     r.add_argument("checkpoint", help="run directory or checkpoint folder")

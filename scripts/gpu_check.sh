@@ -4,7 +4,8 @@
 # stages (default: all, in this order):
 #   tests        the test suite on the GPU (Triton kernels on CUDA tensors), junit XML + log
 #   ops          bench_masked_norm, bench_window_attention, bench_sparse_conv (bf16, published shapes)
-#   models       bench_s3d (ResEnc-L 160^3 b2) and bench_bertswin (224^3 b2), bf16 autocast
+#   models       bench_s3d (ResEnc-L 160^3 b2), bench_bertswin (224^3 b2), bench_swinunetr (MONAI
+#                SwinUNETR encoder, 96^3 b2; needs MONAI), bf16 autocast
 #   convergence  bench/convergence.py's GPU analogue (BertsWin vs ViT-MAE, CSV + PNG + JSON)
 # Each stage runs under its own time limit (seconds; MAE3D_LIMIT_<STAGE>, e.g.
 # MAE3D_LIMIT_TESTS=300) so one slow stage cannot eat the others; its log and the benchmark CSV
@@ -56,7 +57,7 @@ for stage in "${stages[@]}"; do
         done
         ;;
     models)
-        for b in s3d bertswin; do
+        for b in s3d bertswin swinunetr; do
             run models "$out/models.log" "$py" bench/bench_$b.py --out "$csv"
         done
         ;;
