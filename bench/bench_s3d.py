@@ -78,6 +78,7 @@ class BenchConfig:
     providers: tuple[str, ...]
     timing: H.TimingConfig
     seed: int = 0
+    channels_last: bool = False
 
 
 class GatherInstanceNorm3d(MaskedInstanceNorm3d):
@@ -156,8 +157,11 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
     g = torch.Generator().manual_seed(cfg.seed)
     x = torch.randn(B, 1, size, size, size, generator=g).to(cfg.device)
     mask = random_block_mask(B, size // block, ratio, generator=g, device=cfg.device)
+    if cfg.channels_last:  # every provider: weights and activations in NDHWC
+        base = base.to(memory_format=torch.channels_last_3d)
+        x = x.contiguous(memory_format=torch.channels_last_3d)
     shape = (B, 1, size, size, size)
-    variant = f"{cfg.config}@r{ratio:g}"
+    variant = f"{cfg.config}{'-cl' if cfg.channels_last else ''}@r{ratio:g}"
     nparam = sum(p.numel() for p in base.parameters())
     nbytes = 20 * nparam
     ceiling = H.copy_bandwidth_gbps(nparam, torch.float32, cfg.device, cfg.timing)
@@ -227,6 +231,8 @@ def build_config(argv=None):
     p.add_argument("--providers", type=H.parse_list(PROVIDERS))
     p.add_argument("--quick", action="store_true",
                    help="small 5-stage ResEnc at 32^3, ratio 0.75, no torch.compile")
+    p.add_argument("--channels-last", action="store_true",
+                   help="run every provider in channels_last_3d (variant suffix -cl)")
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3),
@@ -239,7 +245,7 @@ def build_config(argv=None):
     cfg = BenchConfig(
         device=device, dtype=DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")],
         config=config, ratios=a.ratios or ((0.75,) if a.quick else RATIOS),
-        providers=providers, timing=timing, seed=a.seed)
+        providers=providers, timing=timing, seed=a.seed, channels_last=a.channels_last)
     return cfg, a
 
 
