@@ -110,11 +110,13 @@ def choose(op: str, device_type: str, supported: tuple[str, ...]) -> tuple[str, 
 
 
 def choose_triton_or_torch(op: str, device_type: str, torch_name: str, cpu_why: str,
-                           cuda_note: str = "", other: tuple[str, str] | None = None,
-                           ) -> tuple[str, str]:
+                           cuda_default: tuple[str, str] | None = None,
+                           other: tuple[str, str] | None = None) -> tuple[str, str]:
     """(backend, why) for an op whose kernels are Triton on GPU and torch code (``torch_name``,
     e.g. "packed") elsewhere; ``MAE3D_BACKEND=cpp`` maps to the torch code on CPU tensors.
-    ``other`` = (backend, why) for devices that are neither CPU nor CUDA (default: torch code)."""
+    ``cuda_default`` = (backend, why) on CUDA when nothing is forced, for an op whose Triton
+    kernel is opt-in (default: Triton). ``other`` = (backend, why) for devices that are neither
+    CPU nor CUDA (default: torch code)."""
     want = requested()
     if want == "reference":
         return "reference", "forced"
@@ -132,10 +134,12 @@ def choose_triton_or_torch(op: str, device_type: str, torch_name: str, cpu_why: 
         raise RuntimeError(f"mae3d.{op}: backend 'cuda' was forced but this op has no CUDA C++ "
                            f"kernel (it has triton, {torch_name})")
     if device_type == "cuda":
+        if cuda_default is not None:
+            return cuda_default
         why_not = availability("triton", device_type, ("triton",))
         if why_not is None:
             return "triton", "default"
-        return torch_name, f"triton: {why_not}{cuda_note}"
+        return torch_name, f"triton: {why_not}"
     if device_type == "cpu":
         return torch_name, f"default: {cpu_why}"
     return other or (torch_name, f"no kernel for {device_type}: {cpu_why}")

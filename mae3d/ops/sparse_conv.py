@@ -144,13 +144,9 @@ _CUDA_DEFAULT = ("reference", "default on CUDA: cuDNN dense conv + mask, measure
 
 def backend_for(device_type: str) -> tuple[str, str]:
     """(backend, reason) that ``sparse_conv3d`` uses for tensors on ``device_type`` right now."""
-    name, why = _backend.choose_triton_or_torch(
+    return _backend.choose_triton_or_torch(
         _OP, device_type, "packed", "gather active blocks + halo, dense conv, scatter",
-        cuda_note=" (packed syncs with the host on CUDA)",
-        other=("reference", f"no kernel for {device_type}"))
-    if device_type == "cuda" and (name, why) == ("triton", "default"):
-        return _CUDA_DEFAULT
-    return name, why
+        cuda_default=_CUDA_DEFAULT, other=("reference", f"no kernel for {device_type}"))
 
 
 # --------------------------------------------------------------------------------------------
