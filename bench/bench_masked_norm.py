@@ -371,10 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     data: list[dict] = []
     for variant in cfg.variants:
         for shape in cfg.shapes:
-            rows = H.rows(run_case(variant, shape, cfg), env, SUBJECT)
-            if out is not None:
-                H.append_csv(out, rows)
-            data += rows
+            H.record(run_case(variant, shape, cfg), env, SUBJECT, out, data)
     print()
     print(H.format_table(data))
     print(

@@ -256,10 +256,7 @@ def main(argv=None) -> int:
     out = H.csv_path(args, env)
     data = []
     for ratio in cfg.ratios:
-        rows = H.rows(run_ratio(ratio, cfg), env, SUBJECT)
-        if out is not None:
-            H.append_csv(out, rows)
-        data += rows
+        H.record(run_ratio(ratio, cfg), env, SUBJECT, out, data)
     print()
     print(H.format_table(data))
     print("\nSummary (p50 step time of the provider / mae3d's; peak memory ratio mae3d / it):")

@@ -247,10 +247,7 @@ def main(argv=None) -> int:
     for case in cfg.cases:
         for ratio in cfg.ratios:
             res, t = run_case(case, ratio, cfg)
-            rows = H.rows(res, env, SUBJECT)
-            if out is not None:
-                H.append_csv(out, rows)
-            data += rows
+            H.record(res, env, SUBJECT, out, data)
             tfl.update(t)
     print()
     print(H.format_table(data))

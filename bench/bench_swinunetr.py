@@ -96,12 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     tol = 1e-4 if dtype == torch.float32 else 5e-2
     if not err <= tol * scale:
         print(f"  WARNING: max |mae3d - monai| = {err:.3g} on the last stage")
-    data = H.rows(results, env, SUBJECT)
+    path = H.csv_path(a, env)
+    data: list[dict] = []
+    H.record(results, env, SUBJECT, path, data)
     print()
     print(H.format_table(data))
-    path = H.csv_path(a, env)
     if path is not None:
-        H.append_csv(path, data)
         print(f"\n{len(data)} rows appended to {path}")
     return 0
 

@@ -290,11 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
     path = H.csv_path(args, env)
     data: list[dict] = []
-    for case in cfg.cases:  # rows are appended per case: a run stopped early keeps what it measured
-        rows = H.rows(run_case(case, cfg), env, SUBJECT)
-        if path is not None:
-            H.append_csv(path, rows)
-        data += rows
+    for case in cfg.cases:
+        H.record(run_case(case, cfg), env, SUBJECT, path, data)
     print()
     print(H.format_table(data))
     if path is not None:

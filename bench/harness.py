@@ -334,6 +334,16 @@ def rows(results: Sequence[Result], env: Env, subject: str) -> list[dict]:
     return out
 
 
+def record(results: Sequence[Result], env: Env, subject: str, path: Path | None,
+           data: list[dict]) -> None:
+    """One case's rows: appended to the CSV at once (a run stopped early keeps what it measured)
+    and to ``data`` (the run's table)."""
+    new = rows(results, env, subject)
+    if path is not None:
+        append_csv(path, new)
+    data += new
+
+
 def append_csv(path: Path, data: Sequence[dict]) -> None:
     """Append rows to path, writing the header for a new file; refuse a file with other columns."""
     path.parent.mkdir(parents=True, exist_ok=True)
