@@ -15,7 +15,9 @@ global that is not a ``tl.constexpr``, a ``tl.dot`` whose accumulator dtype diff
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import inspect
 import json
 import os
 import sys
@@ -45,11 +47,11 @@ def _describe(value):
     raise TypeError(f"cannot record a kernel argument of type {type(value).__name__}")
 
 
-def _is_constexpr(self, name: str) -> bool:
-    import inspect
-
-    ann = inspect.signature(self.fn).parameters[name].annotation
-    return "constexpr" in str(ann)
+@functools.cache
+def _constexpr_params(fn) -> frozenset[str]:
+    """Names of the parameters of the Python kernel function ``fn`` annotated tl.constexpr."""
+    return frozenset(n for n, p in inspect.signature(fn).parameters.items()
+                     if "constexpr" in str(p.annotation))
 
 
 @contextlib.contextmanager
@@ -74,9 +76,10 @@ def capture() -> Iterator[list[dict]]:
         }
         # one compile per (kernel, argument types, constexprs, options): runtime integer
         # values do not change the compiled code (all are i32 here) unless they are constexpr
+        const = _constexpr_params(self.fn)
         key = json.dumps({**spec, "args": {
             n: ({"int": "i32" if -(2**31) <= d["int"] < 2**31 else "i64"}
-                if "int" in d and not self._is_constexpr(n) else d)
+                if "int" in d and n not in const else d)
             for n, d in spec["args"].items()}}, sort_keys=True)
         if key not in seen:
             seen.add(key)
@@ -84,12 +87,10 @@ def capture() -> Iterator[list[dict]]:
         return orig(self, *args, grid=grid, warmup=warmup, **kwargs)
 
     InterpretedFunction.run = run
-    InterpretedFunction._is_constexpr = _is_constexpr
     try:
         yield specs
     finally:
         InterpretedFunction.run = orig
-        del InterpretedFunction._is_constexpr
 
 
 _PTR = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16", "float64": "fp64",
