@@ -126,10 +126,17 @@ def _quantile(xs: Sequence[float], q: float) -> float:
 
 @contextlib.contextmanager
 def sparse_conv_backend(name: str):
-    """Benchmarks only: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` ("packed":
-    gather active blocks + halo, the library's dense conv, scatter; "triton") whatever the
-    device's default, to compare the two on a GPU."""
+    """Benchmarks: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` whatever the
+    device's default: "triton" through the public ``use_backend``; "packed" (gather active blocks
+    + halo, dense conv, scatter), which no public switch selects on CUDA, by replacing the op's
+    backend choice for the duration of the block."""
     import mae3d.ops.sparse_conv as SC
+    from mae3d.ops import use_backend
+
+    if name == "triton":
+        with use_backend("triton"):
+            yield
+        return
 
     orig = SC.backend_for
     SC.backend_for = lambda device_type: (name, "forced by the benchmark")
