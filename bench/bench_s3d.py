@@ -53,6 +53,7 @@ from mae3d.models import S3D, ResEncUNet
 from mae3d.nn.norm import MaskedInstanceNorm3d
 from mae3d.ops import use_backend
 from mae3d.ops.sparse_conv import backend_for
+from mae3d.optim.recipes import S3D_PRETRAIN, build_optimizer
 
 OP = "s3d_step"
 SUBJECT = "mae3d"
@@ -131,7 +132,7 @@ def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, name:
               forward=None):
     """One pre-training step: zero grads, forward under autocast, backward, clip, SGD step."""
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-2, momentum=0.99, weight_decay=3e-5, nesterov=True)
+    opt = build_optimizer(params, S3D_PRETRAIN)  # SGD Nesterov 0.99, lr 1e-2, wd 3e-5
     # Not `forward or model`: a compiled module (OptimizedModule) forwards __len__ to the
     # wrapped S3D, so its truth test raised "TypeError: S3D does not support len()".
     fwd = model if forward is None else forward

@@ -4,11 +4,13 @@ Both models (``mae3d.train.registry.build_model``, the presets ``mae3d pretrain`
 the same number of steps on random crops of the bundled MNI152 T1 template (``mae3d.data``: 1 mm,
 cropped to the head, z-scored), each with its published optimiser recipe
 (``registry.RECIPES``: AdamW lr 1.5e-4, wd 0.05, betas (0.9, 0.95), clip 1.0, linear warm-up then
-cosine; ``--lr`` / ``--weight-decay`` override both). Fairness: one seed gives both models the
-same initial RNG state, the same batches in the same order (``mae3d.data.build_loader``), the same
-augmentation per step (``mae3d.data.augment``) and the same block masks per step
-(``random_block_mask`` from ``volumes.step_generator(seed, step)``); the patch size (= mask cell)
-and mask ratio are shared, and the parameter counts are printed and written to the CSV.
+cosine; ``--lr`` / ``--weight-decay`` override both), with the training step of ``mae3d
+pretrain`` (``mae3d.train.step``: ``mae_inputs`` + ``train_step``). Fairness: one seed gives both
+models the same initial RNG state, the same batches in the same order
+(``mae3d.data.build_loader``), the same augmentation per step (``mae3d.data.augment``) and the
+same block masks per step (``random_block_mask`` from ``mae3d.data.step_generator(seed, step)``);
+the patch size (= mask cell) and mask ratio are shared, and the parameter counts are printed and
+written to the CSV.
 
 The training losses are each model's own (both "l2" on masked patches by default, but a model may
 be built with another loss through ``--bertswin-kw``), so every ``--eval-every`` steps both are
@@ -38,11 +40,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -54,12 +55,12 @@ except ImportError:  # run as a script or loaded by path
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import harness as H
 
-from mae3d.data import NiftiVolumeDataset, PatchDataset, augment, build_loader
+from mae3d.data import NiftiVolumeDataset, PatchDataset, build_loader, step_generator
+from mae3d.errors import NonFiniteLossError, UserError
 from mae3d.masking import random_block_mask, upsample_block_mask
-from mae3d.train.config import UserError
+from mae3d.optim.recipes import build_optimizer, build_scheduler
 from mae3d.train.registry import RECIPES, build_model
-from mae3d.train.schedule import build_optimizer, build_scheduler
-from mae3d.train.volumes import step_generator
+from mae3d.train.step import autocast, mae_inputs, mae_loss, train_step
 
 __all__ = ["MODELS", "Settings", "main", "masked_mse", "parse_args", "run", "steps_to_reach"]
 
@@ -107,7 +108,7 @@ def masked_mse(model: nn.Module, x: Tensor, mask: Tensor, amp: bool = False,
     model.eval()
     num = torch.zeros((), dtype=torch.float64, device=x.device)
     den = 0.0
-    ctx = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else nullcontext()
+    ctx = autocast(x.device.type, torch.bfloat16 if amp else None)
     with torch.no_grad():
         for i in range(0, x.shape[0], chunk):
             xb, mb = x[i:i + chunk], mask[i:i + chunk]
@@ -161,7 +162,7 @@ def train_one(name: str, s: Settings, volumes: NiftiVolumeDataset, held_out: tup
     recipe = RECIPES[name]
     opt = build_optimizer(model.parameters(), recipe, s.lr, s.weight_decay)
     sched = build_scheduler(opt, recipe, s.steps)
-    amp = torch.autocast(device.type, dtype=torch.bfloat16) if s.amp else nullcontext()
+    amp = torch.bfloat16 if s.amp else None
     cell = int(model.mask_cell)
     grid = s.patch_size // cell
     ex, em = (t.to(device) for t in held_out)
@@ -177,23 +178,15 @@ def train_one(name: str, s: Settings, volumes: NiftiVolumeDataset, held_out: tup
     for step, x in enumerate(loader):
         _sync(device)
         t0 = time.perf_counter()
-        x = x.to(device, non_blocking=True)
-        if s.augment:
-            x = augment(x, step_generator(s.seed, step, stream=2))
-        mask = random_block_mask(s.batch_size, grid, s.mask_ratio,
-                                 generator=step_generator(s.seed, step)).to(device)
-        with amp:
-            out = model(x, mask=mask)
-        loss = out.loss.float()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.clip)
-        opt.step()
-        sched.step()
-        value = float(loss.detach())  # synchronises
+        x, mask = mae_inputs(x.to(device, non_blocking=True), step, s.seed, grid, s.mask_ratio,
+                             augment=s.augment)
+        try:
+            value = train_step(partial(mae_loss, model, x, mask), opt, sched, clip=recipe.clip,
+                               amp=amp, device_type=device.type, step=step).loss
+        except NonFiniteLossError as e:
+            raise RuntimeError(f"{name}: {e}") from None
+        _sync(device)
         elapsed += time.perf_counter() - t0
-        if not math.isfinite(value):
-            raise RuntimeError(f"{name}: loss is {value} at step {step}; try a lower --lr")
         done = step + 1
         ev = masked_mse(model, ex, em, s.amp) if done % s.eval_every == 0 or done == s.steps else ""
         rows.append(row(done, value, ev, elapsed))

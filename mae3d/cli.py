@@ -1,8 +1,11 @@
 """The ``mae3d`` command line: pretrain, reconstruct, finetune, demo, flops, env, bench.
 
-User errors (missing path, unknown model, bad patch size, incompatible checkpoint, bad config)
-print one line ``mae3d <command>: <message>`` on stderr and exit with status 2; a NaN/inf loss
-exits with 3 (the last good checkpoint is kept); Ctrl-C checkpoints and exits with 130.
+Exit statuses: 0 done; 2 a user error (missing path, unknown model, bad value, a checkpoint that
+does not match, an output folder that is a file, read-only or full), printed as one line
+``mae3d <command>: <message>`` on stderr; 3 a NaN/inf loss (the last good checkpoint is kept and
+named); 130 Ctrl-C (SIGINT) and 143 SIGTERM, both after ``pretrain`` has saved a checkpoint (a
+second signal aborts without saving). Warnings (skipped files, repaired logs) are printed as
+``mae3d <command>: warning: <message>``.
 """
 
 from __future__ import annotations
@@ -10,9 +13,24 @@ from __future__ import annotations
 import argparse
 import os
 import runpy
+import signal
 import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
-EXIT_USER, EXIT_NONFINITE, EXIT_INTERRUPTED = 2, 3, 130
+EXIT_USER, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with the one-line error contract (no usage block)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+class _Terminated(BaseException):
+    """SIGTERM outside the training loop (which handles it by saving first)."""
 
 
 def _pretrain_parser(sub) -> None:
@@ -36,13 +54,13 @@ def _pretrain_parser(sub) -> None:
     p.add_argument("--workers", type=int, help="data-loader worker processes")
     p.add_argument("--spacing", type=float, help="target voxel spacing in mm (default 1)")
     p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
-    p.add_argument("--device", help="auto | cpu | cuda")
+    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae3d", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(prog="mae3d", description=__doc__,
+                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
     sub.add_parser("env", help="print versions, extension status and the backend of each op")
     bench = sub.add_parser("bench", help="run an op or model benchmark and print its table")
@@ -52,13 +70,18 @@ def _build_parser() -> argparse.ArgumentParser:
     _pretrain_parser(sub)
     r = sub.add_parser("reconstruct", help="PNG of input / masked input / reconstruction")
     r.add_argument("checkpoint", help="run directory or checkpoint folder")
-    r.add_argument("--data", default="mni152", help="a NIfTI file or 'mni152'")
-    r.add_argument("--out", default="reconstruction.png", help="PNG path")
+    r.add_argument("--data", default="mni152",
+                   help="NIfTI file, folder, glob, comma-separated files or 'mni152' (the first "
+                        "readable volume is used)")
+    r.add_argument("--out", default="reconstruction.png",
+                   help="image path (.png unless it ends in .pdf / .svg / .jpg)")
     r.add_argument("--seed", type=int, default=0, help="seed of the mask")
     f = sub.add_parser("finetune", help="segmentation fine-tuning from a pre-trained S3D encoder")
     f.add_argument("--pretrained", required=True, help="pre-training checkpoint, or 'none'")
-    f.add_argument("--data", default="mni152", help="image NIfTI file or 'mni152'")
-    f.add_argument("--labels", help="label NIfTI file (integers 0..C-1); not with --data mni152")
+    f.add_argument("--data", default="mni152",
+                   help="image NIfTI file, folder, glob, comma-separated files or 'mni152'")
+    f.add_argument("--labels", help="label NIfTI file(s) (integers 0..C-1) on the images' grids, "
+                                    "paired with --data in sorted order; not with --data mni152")
     f.add_argument("--out", default="runs/finetune")
     f.add_argument("--steps", type=int, default=200)
     f.add_argument("--batch-size", type=int, default=2)
@@ -80,11 +103,69 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _exit_code(e: SystemExit) -> int:
+    return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+
+
+@contextmanager
+def _command_context(cmd: str) -> Iterator[None]:
+    """SIGTERM -> ``_Terminated``; warnings printed as ``mae3d <cmd>: warning: ...``."""
+    def on_sigterm(signum, frame):
+        raise _Terminated
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"mae3d {cmd}: warning: {message}", file=sys.stderr)
+
+    old_term = signal.signal(signal.SIGTERM, on_sigterm) if _main_thread() else None
+    old_show = warnings.showwarning
+    warnings.showwarning = show
+    try:
+        yield
+    finally:
+        warnings.showwarning = old_show
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _build_parser()
-    args, rest = parser.parse_known_args(argv)  # the rest goes to the benchmark script
+    try:
+        args, rest = parser.parse_known_args(argv)  # the rest goes to the benchmark script
+    except SystemExit as e:  # --help (0) or a usage error (one line printed, 2)
+        return _exit_code(e)
     if rest and args.cmd != "bench":
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        print(f"mae3d {args.cmd}: unrecognized arguments: {' '.join(rest)} "
+              f"(see mae3d {args.cmd} --help)", file=sys.stderr)
+        return EXIT_USER
+    from mae3d.errors import NonFiniteLossError, UserError
+
+    try:
+        with _command_context(args.cmd):
+            return _dispatch(args, rest)
+    except UserError as e:
+        print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except NonFiniteLossError as e:
+        print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_NONFINITE
+    except OSError as e:  # the file system refused (full disk, permissions): the user's to fix
+        print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
+        return EXIT_USER
+    except _Terminated:
+        print(f"mae3d {args.cmd}: terminated (SIGTERM)", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print(f"mae3d {args.cmd}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     if args.cmd == "env":
         from mae3d.env import main as env_main
 
@@ -92,22 +173,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "bench":
         return _bench(args, rest)
-    from mae3d.train.config import NonFiniteLossError, UserError
-
-    try:
-        return _dispatch(args)
-    except UserError as e:
-        print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
-        return EXIT_USER
-    except NonFiniteLossError as e:
-        print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except KeyboardInterrupt:
-        print(f"mae3d {args.cmd}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-
-
-def _dispatch(args: argparse.Namespace) -> int:
     if args.cmd == "pretrain":
         from mae3d.train.config import PretrainConfig, load_config_file
         from mae3d.train.loop import pretrain
@@ -118,9 +183,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         cfg = PretrainConfig.from_dict(values, source=args.config or "options")
         res = pretrain(cfg)
         if res.status == "interrupted":
-            print(f"mae3d pretrain: interrupted at step {res.step}; checkpoint {res.checkpoint}",
-                  file=sys.stderr)
-            return EXIT_INTERRUPTED
+            name = "SIGTERM" if res.signal == signal.SIGTERM else "Ctrl-C"
+            print(f"mae3d pretrain: interrupted at step {res.step} ({name}); checkpoint "
+                  f"{res.checkpoint}", file=sys.stderr)
+            return EXIT_TERMINATED if res.signal == signal.SIGTERM else EXIT_INTERRUPTED
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"mae3d pretrain: {res.step} steps, checkpoint {res.checkpoint}, "
                   f"log {os.path.join(res.out, 'log.csv')}")
@@ -132,15 +198,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(f"mae3d reconstruct: wrote {path}")
         return 0
     if args.cmd == "finetune":
-        from mae3d.train.finetune import FinetuneConfig, finetune
+        from mae3d.train.config import FinetuneConfig
+        from mae3d.train.finetune import finetune
 
-        cfg = FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "cmd"})
-        finetune(cfg)
+        finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "cmd"}))
         return 0
     if args.cmd == "demo":
         from mae3d.train.demo import run_demo
 
-        run_demo(args.out, args.minutes, tuple(m for m in args.models.split(",") if m))
+        run_demo(args.out, args.minutes,
+                 tuple(m.strip() for m in args.models.split(",") if m.strip()))
         return 0
     if args.cmd == "flops":
         return _flops()
@@ -148,28 +215,24 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _flops() -> int:
-    from mae3d.train.config import UserError
+    from mae3d import flops
 
-    try:
-        from mae3d import flops
-    except ImportError as e:
-        raise UserError(f"the FLOP-parity table is not available in this installation ({e})") \
-            from None
-    table = flops.parity_table()
-    fmt = getattr(flops, "format_table", None)
-    print(fmt(table) if fmt else table if isinstance(table, str) else "\n".join(map(str, table)))
+    print(flops.format_table(flops.parity_table()))
     return 0
 
 
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+    from mae3d.errors import UserError
+
     script = os.path.join(_repo_root(), "bench", f"bench_{args.op}.py")
     if not os.path.exists(script):
-        print(f"mae3d bench: {script} not found (benchmarks run from a source checkout)",
-              file=sys.stderr)
-        return EXIT_USER
+        raise UserError(f"{script} not found (benchmarks run from a source checkout)")
     sys.argv = [script, *rest]
     sys.path.insert(0, os.path.dirname(script))  # as `python bench/bench_x.py` would
-    runpy.run_path(script, run_name="__main__")
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:  # the script's own exit status (its flags are its own)
+        return _exit_code(e)
     return 0
 
 

@@ -9,25 +9,46 @@
   so a resumed run sees exactly the data of an uninterrupted one.
 - ``augment``: rotation / scaling / mirroring on the training device.
 - ``mni152_paths`` / ``mni152_labels``: the bundled MNI152 2009 template and GM/WM labels.
-- ``make_phantom`` / ``write_phantom_nifti``: synthetic head-like volumes for tests.
+- ``load_segmentation``: image / label pairs for fine-tuning, the image preprocessed as above and
+  the labels resampled onto its grid by nearest neighbour.
+- ``step_generator``: the per-step torch generator of masks, augmentation and fine-tuning crops.
+Synthetic phantoms for tests live in ``mae3d.testing``.
 """
 
 from mae3d.data.augmentation import augment, augment_matrices
 from mae3d.data.mni152 import mni152_labels, mni152_paths
-from mae3d.data.nifti import NiftiSkipWarning, NiftiVolumeDataset, default_cache_dir, resolve_files
-from mae3d.data.phantom import make_phantom, write_phantom_nifti
+from mae3d.data.nifti import (
+    CacheRebuildWarning,
+    NiftiSkipWarning,
+    NiftiVolumeDataset,
+    default_cache_dir,
+    resolve_files,
+)
 from mae3d.data.preprocessing import preprocess, preprocess_with_affine, resample_to_grid
-from mae3d.data.sampling import PatchDataset, build_loader, sample_generator
+from mae3d.data.sampling import (
+    ArrayVolumes,
+    PatchDataset,
+    build_loader,
+    centre_crop,
+    sample_generator,
+    step_generator,
+)
+from mae3d.data.segmentation import MNI152_CLASSES, SegmentationData, load_segmentation
 
 __all__ = [
+    "MNI152_CLASSES",
+    "ArrayVolumes",
+    "CacheRebuildWarning",
     "NiftiSkipWarning",
     "NiftiVolumeDataset",
     "PatchDataset",
+    "SegmentationData",
     "augment",
     "augment_matrices",
     "build_loader",
+    "centre_crop",
     "default_cache_dir",
-    "make_phantom",
+    "load_segmentation",
     "mni152_labels",
     "mni152_paths",
     "preprocess",
@@ -35,5 +56,5 @@ __all__ = [
     "resample_to_grid",
     "resolve_files",
     "sample_generator",
-    "write_phantom_nifti",
+    "step_generator",
 ]

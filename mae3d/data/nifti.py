@@ -27,7 +27,13 @@ from torch.utils.data import Dataset
 from mae3d.data.mni152 import mni152_paths
 from mae3d.data.preprocessing import preprocess, validate_spacing
 
-__all__ = ["NiftiSkipWarning", "NiftiVolumeDataset", "default_cache_dir", "resolve_files"]
+__all__ = [
+    "CacheRebuildWarning",
+    "NiftiSkipWarning",
+    "NiftiVolumeDataset",
+    "default_cache_dir",
+    "resolve_files",
+]
 
 # Bump when the preprocessing output changes, so stale cache entries are never reused.
 PREPROCESS_VERSION = 1
@@ -37,6 +43,10 @@ Source = str | os.PathLike | Sequence[str | os.PathLike]
 
 class NiftiSkipWarning(UserWarning):
     """Some input files were skipped (unreadable or not 3-D volumes)."""
+
+
+class CacheRebuildWarning(UserWarning):
+    """A damaged cache entry (truncated or unreadable ``.npy`` / ``.json``) was rebuilt."""
 
 
 def _is_nifti(path: Path) -> bool:
@@ -142,6 +152,9 @@ class NiftiVolumeDataset(Dataset):
     volume), ``minimums`` (per-volume minimum = z-scored background), ``cache_paths``,
     ``n_preprocessed`` (volumes preprocessed by this instance, i.e. cache misses).
     Every file is read and preprocessed in the constructor, so errors surface before training.
+    A cache entry that cannot be read back (a truncated ``.npy`` after a full disk or a killed
+    process) is rebuilt with a ``CacheRebuildWarning`` naming it. A single file that cannot be
+    read raises ``ValueError`` with the reason (no warning: there is nothing else to go on).
     """
 
     def __init__(
@@ -161,10 +174,13 @@ class NiftiVolumeDataset(Dataset):
         self.minimums: list[float] = []
         self.n_preprocessed = 0
         self._arrays: dict[int, np.ndarray] = {}
-        for path in resolve_files(source):
+        paths = resolve_files(source)
+        for path in paths:
             try:
                 entry, meta = self._cached(path)
             except Exception as exc:  # any failure of one file must not stop the others
+                if len(paths) == 1:
+                    raise ValueError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
                 self.skipped.append((path, f"{type(exc).__name__}: {exc}"))
                 continue
             self.files.append(path)
@@ -190,9 +206,21 @@ class NiftiVolumeDataset(Dataset):
         npy, meta_path = self.cache_dir / f"{key}.npy", self.cache_dir / f"{key}.json"
         if npy.is_file() and meta_path.is_file():
             try:
-                return npy, json.loads(meta_path.read_text())
-            except (OSError, ValueError):
-                pass  # a damaged entry: rebuild it
+                meta = json.loads(meta_path.read_text())
+                arr = np.load(npy, mmap_mode="r", allow_pickle=False)  # checks the file size
+                if list(arr.shape) != list(meta["shape"]) or arr.dtype != np.float16:
+                    raise ValueError(
+                        f"holds {arr.dtype} {arr.shape}, expected float16 {tuple(meta['shape'])}"
+                    )
+                del arr
+                return npy, meta
+            except Exception as exc:  # any damage: rebuild the entry from the source file
+                warnings.warn(
+                    f"cache entry {npy} is damaged ({type(exc).__name__}: {exc}); rebuilding it "
+                    f"from {path}",
+                    CacheRebuildWarning,
+                    stacklevel=3,
+                )
         vol = preprocess(nib.load(path), self.spacing)
         arr = vol.numpy().astype(np.float16)
         if not np.isfinite(arr).all():

@@ -157,15 +157,22 @@ def resample_to_grid(
     in_affine: np.ndarray,
     out_affine: np.ndarray,
     out_shape: Sequence[int],
+    *,
+    mode: str = "linear",
 ) -> Tensor:
-    """Trilinear resampling of a (X, Y, Z) volume onto another voxel grid.
+    """Resampling of a (X, Y, Z) volume onto another voxel grid.
 
     Output voxel ``o`` takes the value at input voxel coordinate ``inv(in_affine) @ out_affine @
-    o``; samples outside the input interpolate towards zero (``padding_mode="zeros"``). When the
-    mapping is a pure integer shift the result is an exact copy (slicing, no interpolation).
+    o``: interpolated trilinearly (``mode="linear"``, images and probability maps) or taken from
+    the nearest input voxel (``mode="nearest"``, label maps: no value is invented). Samples
+    outside the input are zero (``padding_mode="zeros"``; linear samples near the border
+    interpolate towards zero). When the mapping is a pure integer shift the result is an exact
+    copy (slicing, no interpolation) in both modes.
 
     Returns a float32 tensor of shape ``out_shape``.
     """
+    if mode not in ("linear", "nearest"):
+        raise ValueError(f"mode must be 'linear' or 'nearest', got {mode!r}")
     vol = torch.as_tensor(data, dtype=torch.float32)
     if vol.dim() != 3:
         raise ValueError(f"data must be a 3-D volume, got shape {tuple(vol.shape)}")
@@ -191,7 +198,11 @@ def resample_to_grid(
             # float64 coordinates, float32 grid: ~1e-7 x n voxels of rounding (see suppress_tiny)
             grid[..., 2 - c] = (i * lin[c, 0] + const[c]) + j * lin[c, 1] + k * lin[c, 2]
         res = F.grid_sample(
-            inp, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False
+            inp,
+            grid[None],
+            mode="bilinear" if mode == "linear" else "nearest",
+            padding_mode="zeros",
+            align_corners=False,
         )
         out[start : start + i.shape[0]] = res[0, 0]
     return out

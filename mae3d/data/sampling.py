@@ -24,7 +24,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from mae3d.data.nifti import NiftiVolumeDataset, Source
 
-__all__ = ["PatchDataset", "build_loader", "sample_generator"]
+__all__ = [
+    "ArrayVolumes",
+    "PatchDataset",
+    "build_loader",
+    "centre_crop",
+    "sample_generator",
+    "step_generator",
+]
 
 
 def _patch3(patch_size: int | Sequence[int]) -> tuple[int, int, int]:
@@ -47,6 +54,80 @@ def sample_generator(seed: int, index: int, rank: int = 0, world_size: int = 1):
     return np.random.default_rng(np.random.SeedSequence([seed, index * world_size + rank]))
 
 
+def step_generator(seed: int, step: int, stream: int = 0) -> torch.Generator:
+    """A CPU torch Generator that depends only on (seed, step, stream).
+
+    The training loops draw each step's masks (stream 0), augmentation (stream 2) and
+    fine-tuning crops (stream 3) from it, so a resumed run draws what an uninterrupted one does.
+    """
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 7 + stream)
+
+
+class ArrayVolumes:
+    """In-memory volumes for ``PatchDataset`` / ``build_loader`` (the interface
+    ``NiftiVolumeDataset`` offers: ``array(i)``, ``minimums``, ``len``).
+
+    Args:
+        arrays: volumes (D, H, W) or with leading channels (C, D, H, W), converted to float32.
+        fill: the padding value per volume, a number or one per channel (default: each volume's
+            minimum, its z-scored background). Channels let an image travel with its label map
+            (fill 0 = background) through the same crops.
+    """
+
+    def __init__(self, arrays: Sequence, fill: Sequence | None = None) -> None:
+        self.arrays = [np.ascontiguousarray(np.asarray(a, dtype=np.float32)) for a in arrays]
+        if not self.arrays:
+            raise ValueError("arrays is empty")
+        for i, a in enumerate(self.arrays):
+            if a.ndim not in (3, 4) or 0 in a.shape:
+                raise ValueError(f"arrays[{i}] must be (D, H, W) or (C, D, H, W), got {a.shape}")
+        if fill is None:
+            fill = [float(a.min()) for a in self.arrays]
+        if len(fill) != len(self.arrays):
+            raise ValueError(f"fill must have one entry per array, got {len(fill)}")
+        self.minimums = list(fill)
+
+    def array(self, index: int) -> np.ndarray:
+        return self.arrays[index]
+
+    def __len__(self) -> int:
+        return len(self.arrays)
+
+
+def _crop(arr: np.ndarray, patch: tuple[int, int, int], fill, draw) -> np.ndarray:
+    """(..., pD, pH, pW) float32 crop of (..., D, H, W): along each axis ``draw(n)`` picks the
+    start in [0, n] (n = size - p) or, where the volume is smaller than the patch, the offset of
+    the whole extent inside it (n = p - size); the rest is ``fill`` (scalar or per channel)."""
+    src, dst = [...], [...]
+    for size, p in zip(arr.shape[-3:], patch):
+        if size >= p:
+            start = draw(size - p)
+            src.append(slice(start, start + p))
+            dst.append(slice(0, p))
+        else:
+            offset = draw(p - size)
+            src.append(slice(0, size))
+            dst.append(slice(offset, offset + size))
+    lead = arr.shape[:-3]
+    values = np.asarray(fill, dtype=np.float32)
+    out = np.empty((*lead, *patch), dtype=np.float32)
+    out[...] = values.reshape(values.shape + (1, 1, 1)) if values.ndim else values
+    out[tuple(dst)] = arr[tuple(src)]
+    return out
+
+
+def centre_crop(
+    volume: np.ndarray | Tensor, patch_size: int | Sequence[int], fill: float | None = None
+) -> Tensor:
+    """The centred (..., p, p, p) crop of a (..., D, H, W) volume as float32; axes shorter than
+    the patch are centred and padded with ``fill`` (default: the volume's minimum)."""
+    arr = np.asarray(volume.cpu() if isinstance(volume, Tensor) else volume, dtype=np.float32)
+    if arr.ndim < 3:
+        raise ValueError(f"volume must be (..., D, H, W), got shape {arr.shape}")
+    value = float(arr.min()) if fill is None else fill
+    return torch.from_numpy(_crop(arr, _patch3(patch_size), value, lambda n: n // 2))
+
+
 class PatchDataset(Dataset):
     """Random (1, p, p, p) float32 crops from preprocessed volumes, deterministic per index.
 
@@ -54,10 +135,12 @@ class PatchDataset(Dataset):
     ``sample_generator(seed, i, rank, world_size)`` (see the module docstring for the scheme).
     Along an axis where the volume is smaller than the patch, the whole extent is placed at a
     random offset and the rest is padded with the volume's minimum (its z-scored background).
+    Volumes with leading channels (C, D, H, W) give (C, p, p, p) crops, every channel cut at the
+    same place (an image and its labels).
 
     Args:
-        volumes: a ``NiftiVolumeDataset`` (anything with ``array(i)``, ``minimums`` and
-            ``__len__`` works).
+        volumes: a ``NiftiVolumeDataset`` or ``ArrayVolumes`` (anything with ``array(i)``,
+            ``minimums`` and ``__len__`` works).
         patch_size: p, an int or (pD, pH, pW).
         length: number of items (``steps * batch_size`` for training).
         seed, rank, world_size: see the module docstring.
@@ -96,23 +179,14 @@ class PatchDataset(Dataset):
         rng = sample_generator(self.seed, index, self.rank, self.world_size)
         v = int(rng.integers(len(self.volumes)))
         arr = self.volumes.array(v)
-        src, dst = [], []
-        for size, p in zip(arr.shape, self.patch_size):
-            if size >= p:
-                start = int(rng.integers(size - p + 1))
-                src.append(slice(start, start + p))
-                dst.append(slice(0, p))
-            else:
-                offset = int(rng.integers(p - size + 1))
-                src.append(slice(0, size))
-                dst.append(slice(offset, offset + size))
-        out = np.full(self.patch_size, self.volumes.minimums[v], dtype=np.float32)
-        out[tuple(dst)] = arr[tuple(src)]
-        return torch.from_numpy(out)[None]
+        out = _crop(
+            arr, self.patch_size, self.volumes.minimums[v], lambda n: int(rng.integers(n + 1))
+        )
+        return torch.from_numpy(out) if arr.ndim == 4 else torch.from_numpy(out)[None]
 
 
 def build_loader(
-    source: Source | NiftiVolumeDataset,
+    source: Source | NiftiVolumeDataset | ArrayVolumes,
     patch_size: int | Sequence[int],
     batch_size: int,
     *,
@@ -131,8 +205,8 @@ def build_loader(
     Batch ``s`` holds the per-rank samples ``s * batch_size .. (s + 1) * batch_size - 1`` of a
     ``PatchDataset`` (see the module docstring), so the batches of a run resumed at
     ``start_step = s`` equal the tail of the uninterrupted run, with any number of ``workers``.
-    ``source`` may be an already built ``NiftiVolumeDataset``. Augmentation is not applied here:
-    call ``mae3d.data.augment`` on the training device.
+    ``source`` may be an already built ``NiftiVolumeDataset`` or ``ArrayVolumes``. Augmentation
+    is not applied here: call ``mae3d.data.augment`` on the training device.
     """
     if not (isinstance(batch_size, int) and batch_size >= 1):
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -142,7 +216,7 @@ def build_loader(
         raise ValueError(f"start_step must be an int in [0, steps={steps}], got {start_step!r}")
     if not (isinstance(workers, int) and workers >= 0):
         raise ValueError(f"workers must be an int >= 0, got {workers!r}")
-    if isinstance(source, NiftiVolumeDataset):
+    if isinstance(source, (NiftiVolumeDataset, ArrayVolumes)):
         volumes = source
     else:
         volumes = NiftiVolumeDataset(source, spacing=spacing, cache_dir=cache_dir)

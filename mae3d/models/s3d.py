@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.models.base import MAEOutput
 from mae3d.models.resenc import ConvNormAct, ResEncUNet
 from mae3d.nn.norm import MaskedInstanceNorm3d
+from mae3d.optim.recipes import S3D_PRETRAIN, build_optimizer, build_scheduler
 from mae3d.sparse import active_mask, mask_input, sparsify
 
 __all__ = ["S3D", "load_pretrained_encoder"]
@@ -63,7 +65,7 @@ class S3D(nn.Module):
     gradient-norm clip ``GRAD_CLIP_NORM`` = 12, bf16 autocast on GPU.
     """
 
-    GRAD_CLIP_NORM = 12.0
+    GRAD_CLIP_NORM = S3D_PRETRAIN.clip
 
     def __init__(self, backbone: ResEncUNet | str | dict = "L", *, in_channels: int = 1,
                  block_size: int = 16, mask_ratio: float | tuple[float, float] = 0.75,
@@ -191,17 +193,18 @@ class S3D(nn.Module):
         """Modules counted as the decoder (densify + dense U-Net decoder) by ``mae3d.flops``."""
         return [self.densify_norms, self.densify_projs, self.backbone.decoder]
 
-    def configure_optimizer(self, total_steps: int, lr: float = 1e-2, momentum: float = 0.99,
-                            weight_decay: float = 3e-5, exponent: float = 0.9):
+    def configure_optimizer(self, total_steps: int, lr: float = S3D_PRETRAIN.lr,
+                            momentum: float = S3D_PRETRAIN.momentum,
+                            weight_decay: float = S3D_PRETRAIN.weight_decay,
+                            exponent: float = S3D_PRETRAIN.poly_exponent):
         """(SGD Nesterov, PolyLR) of the S3D recipe; call ``scheduler.step()`` once per step.
         lr(t) = lr * (1 - t / total_steps) ** exponent (nnU-Net's PolyLRScheduler)."""
         if not isinstance(total_steps, int) or isinstance(total_steps, bool) or total_steps < 1:
             raise ValueError(f"S3D: total_steps must be a positive int, got {total_steps!r}")
-        opt = torch.optim.SGD(self.parameters(), lr=lr, momentum=momentum,
-                              weight_decay=weight_decay, nesterov=True)
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda t: (1 - min(t, total_steps) / total_steps) ** exponent)
-        return opt, sched
+        recipe = replace(S3D_PRETRAIN, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                         poly_exponent=exponent)
+        opt = build_optimizer(self.parameters(), recipe)
+        return opt, build_scheduler(opt, recipe, total_steps)
 
     def adaptation_plan(self) -> dict:
         """What a fine-tuning loader needs: nnU-Net's architecture entry, the encoder / stem /

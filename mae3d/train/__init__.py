@@ -2,7 +2,8 @@
 
 Entry points (also behind the ``mae3d`` CLI): ``pretrain(PretrainConfig)``,
 ``finetune(FinetuneConfig)``, ``reconstruct(ckpt, data, png)``, ``run_demo(out, minutes)``;
-``build_model`` maps model names and sizes to the constructors of ``mae3d.models``.
+``build_model`` maps model names and sizes to the constructors of ``mae3d.models``;
+``train_step`` is the one optimisation step of every loop. Errors: ``mae3d.errors``.
 Submodules are imported on first use so that ``import mae3d.train`` stays cheap.
 """
 
@@ -10,15 +11,16 @@ import importlib
 
 _LAZY = {
     "PretrainConfig": "mae3d.train.config",
-    "UserError": "mae3d.train.config",
-    "NonFiniteLossError": "mae3d.train.config",
+    "FinetuneConfig": "mae3d.train.config",
+    "UserError": "mae3d.errors",
+    "NonFiniteLossError": "mae3d.errors",
     "pretrain": "mae3d.train.loop",
     "PretrainResult": "mae3d.train.loop",
     "build_model": "mae3d.train.registry",
     "RECIPES": "mae3d.train.registry",
     "save_checkpoint": "mae3d.train.checkpoint",
     "resolve_checkpoint": "mae3d.train.checkpoint",
-    "FinetuneConfig": "mae3d.train.finetune",
+    "train_step": "mae3d.train.step",
     "finetune": "mae3d.train.finetune",
     "reconstruct": "mae3d.train.reconstruct",
     "run_demo": "mae3d.train.demo",

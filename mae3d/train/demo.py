@@ -9,12 +9,15 @@ between the models. Re-running continues the runs in the same folder.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 
+from mae3d.errors import UserError
 from mae3d.train.checkpoint import latest_checkpoint
-from mae3d.train.config import PretrainConfig
+from mae3d.train.config import MODEL_NAMES, PretrainConfig
 from mae3d.train.loop import pretrain
+from mae3d.train.outputs import ensure_out_dir
 from mae3d.train.plots import plot_loss_curves
 from mae3d.train.reconstruct import reconstruct
 
@@ -27,6 +30,14 @@ def run_demo(out: str = "mae3d-demo", minutes: float = 4.0,
              progress: bool = True) -> dict[str, dict[str, str]]:
     """Pre-train each of ``models`` for at most ``minutes / len(models)`` minutes (or ``steps``
     steps) and plot; returns {model: {"checkpoint", "loss_png", "reconstruction_png", "log"}}."""
+    if isinstance(minutes, bool) or not isinstance(minutes, (int, float)) \
+            or not (math.isfinite(minutes) and minutes > 0):
+        raise UserError(f"--minutes must be a positive number, got {minutes!r}")
+    unknown = [m for m in models if m not in MODEL_NAMES]
+    if not models or unknown:
+        raise UserError(f"--models must be a comma-separated subset of {','.join(MODEL_NAMES)}, "
+                        f"got {','.join(models)!r}")
+    ensure_out_dir(out)
     t0 = time.perf_counter()
     budget = minutes / max(1, len(models))
     written: dict[str, dict[str, str]] = {}

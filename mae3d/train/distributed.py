@@ -13,7 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "all_agree", "barrier", "init_distributed", "shutdown_distributed"]
+__all__ = [
+    "DistInfo", "barrier", "init_distributed", "parse_device", "pick_device",
+    "reduce_loss_and_stop", "shutdown_distributed",
+]
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,39 @@ class DistInfo:
         return self.world_size > 1
 
 
-def _pick_device(device: str, local_rank: int) -> torch.device:
+def parse_device(device: str) -> torch.device | None:
+    """``--device`` as a torch.device (None for "auto"); ``UserError`` for anything but auto,
+    cpu, cuda and cuda:N. Availability is checked by ``pick_device``."""
+    from mae3d.errors import UserError
+
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index):
+        raise UserError(f"--device {device!r} is not a device this runs on; use auto, cpu, cuda "
+                        "or cuda:N")
+    return dev
+
+
+def pick_device(device: str, local_rank: int = 0) -> torch.device:
+    """The device to train on: "auto" = CUDA when available; a CUDA device must exist."""
+    from mae3d.errors import UserError
+
+    dev = parse_device(device)
+    if dev is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            from mae3d.train.config import UserError
-
-            raise UserError("--device cuda requested but no CUDA device is available")
+            raise UserError(f"--device {device} requested but no CUDA device is available")
+        count = torch.cuda.device_count()
         if dev.index is None:
-            dev = torch.device("cuda", local_rank % torch.cuda.device_count())
+            dev = torch.device("cuda", local_rank % count)
+        elif dev.index >= count:
+            raise UserError(f"--device {device}: only {count} CUDA device(s) (cuda:0 .. "
+                            f"cuda:{count - 1})")
         torch.cuda.set_device(dev)
     return dev
 
@@ -53,7 +78,7 @@ def init_distributed(device: str = "auto") -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
-    dev = _pick_device(device, local)
+    dev = pick_device(device, local)
     owns = False
     if world > 1 and not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
@@ -75,19 +100,11 @@ def barrier(info: DistInfo) -> None:
         dist.barrier()
 
 
-def all_agree(flag: bool, info: DistInfo) -> bool:
-    """True when ``flag`` holds on every rank (one tiny all-reduce; no-op on one process)."""
-    if not info.distributed:
-        return flag
-    t = torch.tensor([0 if flag else 1], device=info.device, dtype=torch.int32)
+def reduce_loss_and_stop(loss: float, stop: bool, info: DistInfo | None) -> tuple[float, bool]:
+    """(mean loss over ranks, any rank asked to stop) in one all-reduce; unchanged on one
+    process. Every rank gets the same answer, so all stop (or raise) at the same step."""
+    if info is None or not info.distributed:
+        return loss, stop
+    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=info.device)
     dist.all_reduce(t)
-    return int(t.item()) == 0
-
-
-def mean_scalar(value: float, info: DistInfo) -> float:
-    """Mean of a Python float over the ranks (for logging)."""
-    if not info.distributed:
-        return value
-    t = torch.tensor([value], device=info.device, dtype=torch.float64)
-    dist.all_reduce(t)
-    return float(t.item()) / info.world_size
+    return float(t[0]) / info.world_size, bool(t[1] > 0)

@@ -4,24 +4,68 @@ from __future__ import annotations
 
 import csv
 import os
+import warnings
 
-__all__ = ["CSV_FIELDS", "RunLogger", "read_log"]
+__all__ = ["CSV_FIELDS", "LogWarning", "RunLogger", "read_log"]
 
 CSV_FIELDS = ("step", "loss", "lr", "time", "voxels_per_s")
 
 
-def read_log(path: str) -> list[dict[str, float]]:
-    """Rows of a ``log.csv`` as floats (``step`` as int)."""
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f))
-    return [{k: (int(v) if k == "step" else float(v)) for k, v in r.items()} for r in rows]
+class LogWarning(UserWarning):
+    """Rows of a ``log.csv`` could not be read (a partial last row after a crash or a full disk)
+    and were dropped."""
+
+
+def _row(fields: list[str], values: list[str]) -> dict[str, float] | None:
+    if len(values) != len(fields):
+        return None
+    try:
+        return {k: (int(v) if k == "step" else float(v)) for k, v in zip(fields, values)}
+    except ValueError:
+        return None
+
+
+def read_log(path: str, fields: tuple[str, ...] = CSV_FIELDS) -> list[dict[str, float]]:
+    """Rows of a ``log.csv`` as floats (``step`` as int).
+
+    Rows that cannot be parsed (a partial row, garbage, NUL bytes a power loss left) are dropped
+    with one ``LogWarning`` naming the file and the line numbers; a file whose header is not
+    ``fields`` yields no rows (and the same warning).
+    """
+    rows: list[dict[str, float]] = []
+    bad: list[int] = []
+    with open(path, newline="", errors="replace") as f:
+        lines = f.read().replace("\0", "").splitlines()
+    reader = csv.reader(lines)
+    try:
+        header = next(reader, None)
+        if header is not None and tuple(header) != fields:
+            bad.append(1)
+        else:
+            for lineno, values in enumerate(reader, start=2):
+                row = _row(list(fields), values) if values else None
+                if row is None:
+                    if values:
+                        bad.append(lineno)
+                    continue
+                rows.append(row)
+    except csv.Error:
+        bad.append(reader.line_num)
+    if bad:
+        what = "its header" if bad == [1] else f"line(s) {', '.join(map(str, bad[:5]))}"
+        warnings.warn(f"{path}: dropped unreadable rows ({what}; e.g. a partial last row after a "
+                      "crash or a full disk)", LogWarning, stacklevel=2)
+        if bad == [1]:
+            return []
+    return rows
 
 
 class RunLogger:
     """Appends one row per step to ``OUT/log.csv`` (step, loss, lr, time, voxels_per_s).
 
     On resume from step k the rows with step >= k (written after that checkpoint by the run that
-    was interrupted) are dropped first, so the file reads like one uninterrupted run.
+    was interrupted) are dropped first, as are unreadable rows (with a warning), so the file
+    reads like one uninterrupted run.
     """
 
     def __init__(self, out_dir: str, start_step: int, enabled: bool = True,
@@ -66,6 +110,9 @@ class RunLogger:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._file.close()
+        try:
+            self._file.close()
+        except OSError:  # a full disk at the last flush: the rows written are kept
+            pass
         if self._tb is not None:
             self._tb.close()

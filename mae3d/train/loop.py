@@ -1,11 +1,22 @@
 """The pre-training loop behind ``mae3d pretrain``.
 
-One step: batch of step s (``volumes.pretrain_batches``) -> optional augmentation -> block mask
-drawn from a generator seeded by (seed, s) for the *global* batch, sliced per rank -> forward under
-optional bf16 autocast -> loss check on every rank (NaN/inf stops before the update) -> backward,
-grad-norm clip, optimiser and scheduler step. Because data and masks depend only on (seed, s),
-and the checkpoint holds model, optimizer, scheduler and RNG states, ``--resume`` reproduces an
-uninterrupted run exactly. Rank 0 writes checkpoints and logs; Ctrl-C checkpoints, then exits.
+One step: batch of step s (``mae3d.data.build_loader``) -> augmentation and block mask from
+generators seeded by (seed, s) (``step.mae_inputs``) -> ``step.train_step`` (forward under
+optional bf16 autocast, loss averaged over ranks, NaN / inf stops before the update, backward,
+clip, optimiser and scheduler step). Data and masks depend only on (seed, s), and a checkpoint
+holds model, optimizer, scheduler and RNG states, so ``--resume`` reproduces an uninterrupted run
+exactly.
+
+Checkpoints hold only states whose loss was computed and finite. A save due after step s is taken
+as a snapshot of the state before the forward of step s + 1 and written once that forward's loss
+is known to be finite; the last state (end of the run, Ctrl-C / SIGTERM, time budget) gets one
+extra no-grad forward on the last batch for the same check. So after a NaN / inf stop the newest
+checkpoint is the last good one, and keeping one checkpoint never deletes it for a diverged one.
+
+Resume: fields that define the model and the data stream must match the checkpoint
+(``config.FIXED_ON_RESUME``); the others (learning rate, weight decay, clip, steps, intervals,
+device ...) are applied - the schedule re-planned to the new ``--steps`` from the current step -
+and recorded in meta.json (``config`` and a ``history`` entry). Rank 0 writes checkpoints and logs.
 """
 
 from __future__ import annotations
@@ -16,33 +27,42 @@ import signal
 import sys
 import threading
 import time
-from contextlib import contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
 
 import torch
-import torch.distributed as dist
+from torch import nn
 
-from mae3d.masking import random_block_mask
+from mae3d.errors import NonFiniteLossError, UserError
+from mae3d.optim.recipes import Recipe, build_optimizer, build_scheduler, lr_multiplier
 from mae3d.train import checkpoint as ckpt
-from mae3d.train.config import NonFiniteLossError, PretrainConfig, UserError
-from mae3d.train.distributed import DistInfo, init_distributed, shutdown_distributed
+from mae3d.train.config import PretrainConfig, check_resume, data_key
+from mae3d.train.distributed import (
+    DistInfo,
+    barrier,
+    init_distributed,
+    reduce_loss_and_stop,
+    shutdown_distributed,
+)
 from mae3d.train.logs import RunLogger
+from mae3d.train.outputs import ensure_out_dir, writing
 from mae3d.train.registry import RECIPES, build_model
-from mae3d.train.schedule import build_optimizer, build_scheduler, unwrap
-from mae3d.train.volumes import augment_batch, pretrain_batches, step_generator
+from mae3d.train.sources import data_module, open_volumes
+from mae3d.train.step import autocast, mae_inputs, mae_loss, oom_as_user_error, train_step
 
-__all__ = ["PretrainResult", "pretrain"]
+__all__ = ["PretrainResult", "pretrain", "stop_signals"]
 
-# Global sample j of a step belongs to rank j % world_size (mae3d.data.sampling's scheme), so
-# one process with batch N * B draws the same crops and masks as N ranks with batch B.
-# Fields that must match the checkpoint for --resume (the rest may change, e.g. --save-every).
-_MUST_MATCH = ("model", "size", "patch_size", "model_overrides", "steps", "batch_size", "seed")
-_OOM = (getattr(torch, "OutOfMemoryError", RuntimeError), torch.cuda.OutOfMemoryError)
+_STATE_KEYS = ("optimizer", "scheduler", "rng", "data")
+_SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
 @dataclass
 class PretrainResult:
-    """What a run did: ``status`` is "done", "interrupted" (Ctrl-C) or "time" (max_minutes)."""
+    """What a run did: ``status`` is "done", "interrupted" (Ctrl-C / SIGTERM: ``signal`` says
+    which) or "time" (max_minutes)."""
 
     out: str
     start_step: int
@@ -50,64 +70,42 @@ class PretrainResult:
     status: str
     checkpoint: str | None
     losses: list[float] = field(default_factory=list)
+    signal: int | None = None
+
+
+class _StopRequest:
+    signum: int | None = None
 
 
 @contextmanager
-def _sigint_flag():
-    """First Ctrl-C sets the flag (the loop checkpoints and stops); a second one raises."""
-    flag = threading.Event()
+def stop_signals() -> Iterator[_StopRequest]:
+    """The first SIGINT or SIGTERM sets ``signum`` (the loop saves a checkpoint after the current
+    step and stops); a second one raises KeyboardInterrupt (abort without saving)."""
+    request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
-        yield flag
+        yield request
         return
 
     def handler(signum, frame):
-        if flag.is_set():
+        if request.signum is not None:
             raise KeyboardInterrupt
-        flag.set()
-        print("\nmae3d: Ctrl-C: saving a checkpoint after this step (Ctrl-C again to abort)",
-              file=sys.stderr)
+        request.signum = signum
+        print(f"\nmae3d: {_SIGNAL_NAMES.get(signum, signum)}: saving a checkpoint after this step "
+              "(send it again to abort)", file=sys.stderr)
 
-    old = signal.signal(signal.SIGINT, handler)
+    old = {s: signal.signal(s, handler) for s in _SIGNAL_NAMES}
     try:
-        yield flag
+        yield request
     finally:
-        signal.signal(signal.SIGINT, old)
-
-
-def _check_resume(meta: dict, cfg: PretrainConfig, where: str) -> None:
-    old = meta.get("config", {})
-    diff = [k for k in _MUST_MATCH if k in old and old[k] != getattr(cfg, k)]
-    if diff:
-        pairs = ", ".join(f"{k}: checkpoint {old[k]!r} vs now {getattr(cfg, k)!r}" for k in diff)
-        raise UserError(f"--resume: checkpoint {where} is incompatible with this run ({pairs})")
-
-
-def _flags(loss: float, stop: bool, info: DistInfo) -> tuple[float, bool]:
-    """(mean loss over ranks, any rank asked to stop) in one all-reduce."""
-    if not info.distributed:
-        return loss, stop
-    t = torch.tensor([loss, float(stop)], dtype=torch.float64, device=info.device)
-    dist.all_reduce(t)
-    return float(t[0]) / info.world_size, bool(t[1] > 0)
-
-
-def _save(cfg: PretrainConfig, info: DistInfo, step: int, model, opt, sched, loss: float) -> str:
-    path = os.path.join(cfg.out, "checkpoints", f"step-{step:06d}")
-    if info.is_main:
-        state = {"optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                 "rng": ckpt.capture_rng(),
-                 "data": {"step": step, "seed": cfg.seed, "world_size": info.world_size}}
-        meta = {"kind": "mae3d-pretrain", "config": cfg.to_dict(), "model": cfg.model,
-                "world_size": info.world_size, "metrics": {"loss": loss}}
-        path = ckpt.save_checkpoint(cfg.out, step, unwrap(model), state, meta)
-    return path
+        for s, h in old.items():
+            signal.signal(s, h)
 
 
 def pretrain(cfg: PretrainConfig) -> PretrainResult:
     """Run (or resume) pre-training as configured; see the module docstring.
 
-    Raises ``UserError`` (bad input, incompatible checkpoint, out of memory) and
-    ``NonFiniteLossError`` (NaN/inf loss; the last checkpoint is kept untouched).
+    Raises ``UserError`` (bad input, a checkpoint that does not match, out of memory, a full disk)
+    and ``NonFiniteLossError`` (NaN/inf loss; names the last good checkpoint, which is kept).
     """
     cfg.validate()
     info = init_distributed(cfg.device)
@@ -117,32 +115,129 @@ def pretrain(cfg: PretrainConfig) -> PretrainResult:
         shutdown_distributed(info)
 
 
+def _plan(opt: torch.optim.Optimizer, sched, recipe: Recipe, cfg: PretrainConfig) -> None:
+    """Apply the configured peak lr, weight decay and schedule length to (possibly restored)
+    optimizer and scheduler states: the lr of step t is peak * multiplier(t) of the schedule
+    over ``cfg.steps``. On a fresh run this reproduces what the constructors set."""
+    peak = recipe.lr if cfg.lr is None else cfg.lr
+    wd = recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay
+    f = lr_multiplier(recipe, cfg.steps)
+    sched.lr_lambdas = [f] * len(opt.param_groups)
+    sched.base_lrs = [peak] * len(opt.param_groups)
+    for g in opt.param_groups:
+        g["initial_lr"], g["weight_decay"] = peak, wd
+        g["lr"] = peak * f(sched.last_epoch)
+    sched._last_lr = [g["lr"] for g in opt.param_groups]
+
+
+def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module):
+    """(checkpoint folder, meta, training state, changed fields) to resume from, or None.
+
+    Refusals (a fixed field changed, an incompatible model) raise ``UserError``; a damaged
+    checkpoint is moved aside with a warning and the next older one is tried."""
+    existing = ckpt.latest_checkpoint(cfg.out)
+    if existing is not None and not cfg.resume:
+        raise UserError(f"--out {cfg.out} already holds a checkpoint ({existing}); pass --resume "
+                        "to continue it or choose another --out")
+    while existing is not None:
+        try:
+            meta = ckpt.read_meta(existing)
+            changes = check_resume(meta, cfg, int(meta.get("step", 0)), info.world_size,
+                                   existing)
+            state = ckpt.load_training_state(existing, _STATE_KEYS)
+            ckpt.load_model_weights(existing, model)
+            return existing, meta, state, changes
+        except ckpt.CheckpointDamaged as e:
+            barrier(info)  # every rank has read it before rank 0 moves it
+            if info.is_main:
+                ckpt.quarantine(existing, f"--resume: {e}")
+            barrier(info)
+        existing = ckpt.latest_checkpoint(cfg.out)
+    if cfg.resume and info.is_main:
+        print(f"mae3d pretrain: --resume: no usable checkpoint in {cfg.out}, starting at step 0",
+              file=sys.stderr)
+    return None
+
+
+class _Saver:
+    """Snapshots of the training state (rank 0) and their checkpoints."""
+
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sched,
+                 history: list[dict[str, Any]], last: str | None):
+        self.cfg, self.info, self.model, self.opt, self.sched = cfg, info, model, opt, sched
+        self.history, self.last = history, last
+
+    def snapshot(self, step: int) -> dict[str, Any]:
+        if not self.info.is_main:
+            return {"step": step}
+        return {"step": step, "weights": ckpt.to_cpu(self.model.state_dict()),
+                "optimizer": ckpt.to_cpu(self.opt.state_dict()),
+                "scheduler": ckpt.to_cpu(self.sched.state_dict()), "rng": ckpt.capture_rng()}
+
+    def write(self, snap: dict[str, Any], loss: float) -> str:
+        step, cfg = snap["step"], self.cfg
+        path = os.path.join(cfg.out, "checkpoints", f"step-{step:06d}")
+        if not self.info.is_main:
+            return path
+        state = {"optimizer": snap["optimizer"], "scheduler": snap["scheduler"],
+                 "rng": snap["rng"],
+                 "data": {"step": step, "seed": cfg.seed, "world_size": self.info.world_size}}
+        meta = {"kind": "mae3d-pretrain", "config": cfg.to_dict(), "model": cfg.model,
+                "world_size": self.info.world_size, "metrics": {"loss": loss},
+                "data_key": data_key(cfg.data), "history": self.history}
+        try:
+            self.last = ckpt.save_checkpoint(cfg.out, step, snap["weights"], state, meta)
+        except OSError as e:
+            kept = f"the last good checkpoint {self.last} is kept" if self.last else \
+                "no checkpoint had been written yet"
+            raise UserError(f"cannot write checkpoint step {step} under {cfg.out} "
+                            f"({e.strerror or e}); {kept}") from None
+        return self.last
+
+
+def _final_loss(model: nn.Module, x: torch.Tensor, mask: torch.Tensor,
+                amp: torch.dtype | None, info: DistInfo) -> float:
+    """Loss of the current state on the last batch (no grad), averaged over ranks."""
+    with torch.no_grad(), autocast(x.device.type, amp):
+        loss = float(model(x, mask=mask).loss.float())
+    return reduce_loss_and_stop(loss, False, info)[0]
+
+
 def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
+    if info.is_main:
+        ensure_out_dir(cfg.out)
+        ckpt.cleanup_interrupted(cfg.out)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.patch_size, cfg.size, cfg.mask_ratio,
                         **cfg.model_overrides).to(info.device)
     recipe = RECIPES[cfg.model]
     opt = build_optimizer(model.parameters(), recipe, cfg.lr, cfg.weight_decay)
     sched = build_scheduler(opt, recipe, cfg.steps)
-    clip = recipe.clip if cfg.clip is None else float(cfg.clip)
+    volumes = open_volumes(cfg.data, cfg.spacing)
 
-    start, last = 0, None
-    existing = ckpt.latest_checkpoint(cfg.out)
-    if cfg.resume and existing is not None:
-        meta = ckpt.read_meta(existing)
-        _check_resume(meta, cfg, existing)
-        ckpt.load_model_weights(existing, model)
-        state = ckpt.load_training_state(existing)
+    start, last, history, rng = 0, None, [], None
+    point = _resume_point(cfg, info, model)
+    if point is not None:
+        last, meta, state, changes = point
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
-        ckpt.restore_rng(state["rng"])
-        start, last = int(state["data"]["step"]), existing
-    elif existing is not None:
-        raise UserError(f"--out {cfg.out} already holds a checkpoint ({existing}); pass --resume "
-                        "to continue it or choose another --out")
-    elif cfg.resume and info.is_main:
-        print(f"mae3d pretrain: --resume: no checkpoint in {cfg.out}, starting at step 0",
-              file=sys.stderr)
+        start, rng = int(state["data"]["step"]), state["rng"]
+        history = list(meta.get("history", []))
+        if changes:
+            history.append({"step": start, "changed": changes})
+            if info.is_main:
+                what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
+                print(f"mae3d pretrain: --resume at step {start} with {what}"
+                      + (" (schedule re-planned)" if "steps" in changes else ""), file=sys.stderr)
+    _plan(opt, sched, recipe, cfg)
+    clip = recipe.clip if cfg.clip is None else cfg.clip
+    loader = data_module().build_loader(
+        volumes, cfg.patch_size, cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
+        start_step=start, rank=info.rank, world_size=info.world_size, workers=cfg.workers,
+        pin_memory=info.device.type == "cuda")
+    batches = iter(loader)  # creating the iterator draws from the global RNG: before the restore
+    if rng is not None:
+        ckpt.restore_rng(rng)
 
     net = model
     if info.distributed:
@@ -150,8 +245,7 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         net = torch.compile(net)
-    amp = (torch.autocast(info.device.type, dtype=torch.bfloat16) if cfg.amp == "bf16"
-           else nullcontext())
+    amp = torch.bfloat16 if cfg.amp == "bf16" else None
     grid = cfg.patch_size // int(model.mask_cell)
     voxels = cfg.batch_size * info.world_size * cfg.patch_size ** 3
 
@@ -161,53 +255,52 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     bar = tqdm(total=cfg.steps, initial=start, unit="step", dynamic_ncols=True,
                disable=not (info.is_main and cfg.progress), desc=f"pretrain {cfg.model}")
     result = PretrainResult(cfg.out, start, start, "done", last)
+    saver = _Saver(cfg, info, model, opt, sched, history, last)
+    pending: int | None = None  # a checkpoint is due for the state after this many steps
     t_begin = time.perf_counter()
-    loss_value = float("nan")
-    batches = pretrain_batches(cfg, info.rank, info.world_size, start)
     net.train()
+    sizes = f"--patch-size {cfg.patch_size} --batch-size {cfg.batch_size}"
     try:
-        with _sigint_flag() as sigint:
+        with stop_signals() as stop, oom_as_user_error(info.device, sizes):
+            x = mask = None
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
                 x = next(batches).to(info.device, non_blocking=True)
-                if cfg.augment:
-                    x = augment_batch(x, step, cfg.seed)
-                mask = random_block_mask(cfg.batch_size * info.world_size, grid, cfg.mask_ratio,
-                                         generator=step_generator(cfg.seed, step))
-                mask = mask[info.rank::info.world_size].to(info.device)  # = data sharding
+                x, mask = mae_inputs(x, step, cfg.seed, grid, cfg.mask_ratio,
+                                     augment=cfg.augment, rank=info.rank,
+                                     world_size=info.world_size)
+                snap = saver.snapshot(step) if pending == step else None
+                over = (cfg.max_minutes is not None
+                        and time.perf_counter() - t_begin > 60 * cfg.max_minutes)
                 try:
-                    with amp:
-                        out = net(x, mask=mask)
-                    loss = out.loss.float()
-                    local = float(loss.detach())
-                    over = (cfg.max_minutes is not None
-                            and time.perf_counter() - t_begin > 60 * cfg.max_minutes)
-                    loss_value, stop = _flags(local, sigint.is_set() or over, info)
-                    if not math.isfinite(loss_value):
-                        raise NonFiniteLossError(step, loss_value, result.checkpoint)
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                    lr = opt.param_groups[0]["lr"]
-                    opt.step()
-                    sched.step()
-                except _OOM:
-                    raise UserError(
-                        f"out of memory on {info.device} with --patch-size {cfg.patch_size} "
-                        f"--batch-size {cfg.batch_size}: lower one of them (or use --amp bf16)"
-                    ) from None
+                    res = train_step(partial(mae_loss, net, x, mask), opt, sched, clip=clip,
+                                     amp=amp, device_type=info.device.type, step=step,
+                                     stop=stop.signum is not None or over, dist_info=info)
+                except NonFiniteLossError as e:
+                    e.last_checkpoint = result.checkpoint
+                    raise
+                if snap is not None:  # the state before this step had a finite loss: keep it
+                    result.checkpoint = saver.write(snap, res.loss)
                 done = step + 1
                 dt = time.perf_counter() - t0
-                result.losses.append(loss_value)
+                result.losses.append(res.loss)
                 result.step = done
-                logger.log(step, loss_value, lr, time.perf_counter() - t_begin, voxels / dt)
+                with writing(logger.path):
+                    logger.log(step, res.loss, res.lr, time.perf_counter() - t_begin, voxels / dt)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}", vox_s=f"{voxels / dt:.3g}")
-                if stop or done % cfg.save_period == 0 or done == cfg.steps:
-                    result.checkpoint = _save(cfg, info, done, model, opt, sched, loss_value)
-                if stop:
-                    result.status = "interrupted" if sigint.is_set() else "time"
+                bar.set_postfix(loss=f"{res.loss:.4f}", vox_s=f"{voxels / dt:.3g}")
+                if res.stop or done % cfg.save_period == 0 or done == cfg.steps:
+                    pending = done
+                if res.stop:
+                    result.status = "interrupted" if stop.signum is not None else "time"
+                    result.signal = stop.signum
                     break
+            if pending is not None and pending == result.step:
+                snap = saver.snapshot(pending)
+                loss = _final_loss(model, x, mask, amp, info)
+                if not math.isfinite(loss):
+                    raise NonFiniteLossError(pending, loss, result.checkpoint)
+                result.checkpoint = saver.write(snap, loss)
     finally:
         bar.close()
         logger.close()

@@ -8,7 +8,7 @@ import os
 import torch
 from torch import Tensor
 
-from mae3d.train.config import UserError
+from mae3d.errors import UserError
 
 __all__ = ["plot_loss_curves", "plot_reconstruction"]
 

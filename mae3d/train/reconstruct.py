@@ -4,21 +4,30 @@ from __future__ import annotations
 
 import torch
 
+from mae3d.errors import UserError
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.train import checkpoint as ckpt
-from mae3d.train.config import PretrainConfig
+from mae3d.train.config import SEED_LIMIT, PretrainConfig
+from mae3d.train.outputs import image_path, writing
 from mae3d.train.plots import plot_reconstruction
 from mae3d.train.registry import build_model
-from mae3d.train.volumes import crop_or_pad, load_volume, resolve_sources
+from mae3d.train.sources import data_module, open_volumes
 
 __all__ = ["load_pretrained", "reconstruct"]
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu"):
-    """(model in eval mode with the checkpoint's weights, its PretrainConfig, checkpoint folder)."""
+    """(model in eval mode with the checkpoint's weights, its PretrainConfig, checkpoint folder).
+
+    Raises ``UserError`` naming the file when the checkpoint is missing, damaged or does not
+    describe a model this version builds."""
     d = ckpt.resolve_checkpoint(path)
     meta = ckpt.read_meta(d)
-    cfg = PretrainConfig.from_dict(meta.get("config", {}), source=f"{d}/meta.json")
+    cfg = PretrainConfig.from_meta(meta, f"checkpoint {d}/meta.json")
+    try:
+        cfg.validate()
+    except UserError as e:
+        raise UserError(f"checkpoint {d}/meta.json: {e}") from None
     model = build_model(cfg.model, cfg.patch_size, cfg.size, cfg.mask_ratio,
                         **cfg.model_overrides)
     ckpt.load_model_weights(d, model)
@@ -27,14 +36,19 @@ def load_pretrained(path: str, device: str | torch.device = "cpu"):
 
 @torch.no_grad()
 def reconstruct(checkpoint: str, data: str, png: str, seed: int = 0) -> str:
-    """Centre crop (p³, the checkpoint's patch size) of the first volume of ``data``, masked with
-    the checkpoint's ratio (mask drawn from ``seed``), reconstructed; writes the PNG and returns
-    its path. Rows: input, masked input (masked cells blue), reconstruction."""
+    """Centre crop (p³, the checkpoint's patch size) of the first readable volume of ``data``
+    (preprocessed and cached by ``mae3d.data`` as in pre-training; unreadable files in a folder
+    are skipped with a warning), masked with the checkpoint's ratio (mask drawn from ``seed``),
+    reconstructed. Writes the figure and returns its path: ``png`` itself when it ends in an
+    image suffix (.png, .pdf, .svg, .jpg), else ``png + ".png"``. Rows: input, masked input
+    (masked cells blue), reconstruction."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise UserError(f"--seed must be an integer in [0, 2**32), got {seed!r}")
+    png = image_path(png)
     model, cfg, d = load_pretrained(checkpoint)
-    vol = load_volume(resolve_sources(data)[0], cfg.spacing)
+    vol = open_volumes(data, cfg.spacing)[0][0]
     p = cfg.patch_size
-    corner = tuple(max(0, (s - p) // 2) for s in vol.shape)
-    x = crop_or_pad(vol, corner, p)[None, None]  # type: ignore[arg-type]
+    x = data_module().centre_crop(vol, p)[None, None]
     c = int(model.mask_cell)
     g = torch.Generator().manual_seed(seed)
     mask = random_block_mask(1, p // c, cfg.mask_ratio, generator=g)
@@ -42,4 +56,5 @@ def reconstruct(checkpoint: str, data: str, png: str, seed: int = 0) -> str:
     visible = upsample_block_mask(out.mask.cpu(), c, (p, p, p))[0, 0]
     title = f"{cfg.model} ({cfg.size}), step {ckpt.read_meta(d).get('step')}, " \
             f"masked loss {float(out.loss):.3f}"
-    return plot_reconstruction(x[0, 0], visible, out.reconstruction[0, 0], png, title)
+    with writing(png):
+        return plot_reconstruction(x[0, 0], visible, out.reconstruction[0, 0], png, title)

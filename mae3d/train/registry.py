@@ -2,9 +2,8 @@
 
 This is the ONE file that knows the constructor keywords of the models in ``mae3d.models``
 (S3D / ResEncUNet, BertsWin, ViTMAE3d); the loop, the CLI and the demo only call the functions
-here. Recipes follow the reference notes: S3D (nnssl): SGD Nesterov, momentum 0.99, lr 1e-2,
-wd 3e-5, PolyLR(0.9), grad clip 12; BertsWin / ViT-MAE baseline: AdamW lr 1.5e-4, wd 0.05,
-betas (0.9, 0.95), clip 1.0, linear warm-up then cosine.
+here. The recipes themselves live in ``mae3d.optim.recipes`` (S3D: SGD Nesterov + PolyLR;
+BertsWin / ViT-MAE baseline: AdamW + warm-up / cosine).
 """
 
 from __future__ import annotations
@@ -13,41 +12,24 @@ import math
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import replace
 from typing import Any
 
 from torch import nn
 
-from mae3d.train.config import UserError
+from mae3d import models
+from mae3d.errors import UserError
+from mae3d.optim.recipes import MAE_ADAMW, S3D_FINETUNE, S3D_PRETRAIN, Recipe
+from mae3d.train.config import MODEL_NAMES, SIZES
 
 __all__ = [
-    "MODEL_NAMES", "RECIPES", "SIZES", "Recipe", "build_model", "build_segmentation_net",
+    "FINETUNE_RECIPE", "MODEL_NAMES", "RECIPES", "SIZES", "build_model", "build_segmentation_net",
     "check_patch_size", "encoder_parameters", "transfer_encoder",
 ]
 
-MODEL_NAMES = ("s3d", "bertswin", "vitmae")
-SIZES = ("tiny", "small", "base")
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Optimiser + schedule of one model family (see ``mae3d.train.schedule``)."""
-
-    optimizer: str  # "sgd" (Nesterov) | "adamw"
-    lr: float
-    weight_decay: float
-    clip: float
-    schedule: str  # "poly" | "warmup_cosine"
-    momentum: float = 0.99
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_fraction: float = 0.05
-    poly_exponent: float = 0.9
-
-
-_SGD = Recipe("sgd", lr=1e-2, weight_decay=3e-5, clip=12.0, schedule="poly")
-_ADAMW = Recipe("adamw", lr=1.5e-4, weight_decay=0.05, clip=1.0, schedule="warmup_cosine")
-RECIPES: dict[str, Recipe] = {"s3d": _SGD, "bertswin": _ADAMW, "vitmae": _ADAMW,
-                              "toy": Recipe("sgd", 1e-2, 3e-5, 12.0, "poly", momentum=0.9)}
+RECIPES: dict[str, Recipe] = {"s3d": S3D_PRETRAIN, "bertswin": MAE_ADAMW, "vitmae": MAE_ADAMW,
+                              "toy": replace(S3D_PRETRAIN, momentum=0.9)}
+FINETUNE_RECIPE = S3D_FINETUNE  # S3D encoders (and the toy stand-in) in a ResEnc U-Net
 
 # ResEnc U-Net backbones of S3D per size: (features, blocks per stage, mask block size).
 _S3D_SIZES: dict[str, dict[str, Any]] = {
@@ -70,26 +52,13 @@ _VITMAE_SIZES: dict[str, dict[str, Any]] = {
 }
 
 
-def _models():
-    try:
-        import mae3d.models as models
-
-        return models
-    except ImportError as e:  # pragma: no cover - the package always has mae3d.models
-        raise UserError(f"mae3d.models cannot be imported: {e}") from None
-
-
 def _resenc(num_out: int, spec: dict[str, Any]) -> nn.Module:
-    m = _models()
     if "preset" in spec:
-        return m.ResEncUNet(1, num_out, preset=spec["preset"])
+        return models.ResEncUNet(1, num_out, preset=spec["preset"])
     feats = tuple(spec["features"])
     strides = tuple(spec.get("strides", (1,) + (2,) * (len(feats) - 1)))
-    return m.ResEncUNet(1, num_out, features=feats, blocks=tuple(spec["blocks"]), strides=strides)
-
-
-def _missing(name: str, e: Exception) -> UserError:
-    return UserError(f"model {name!r} is not available in this installation ({e})")
+    return models.ResEncUNet(1, num_out, features=feats, blocks=tuple(spec["blocks"]),
+                             strides=strides)
 
 
 def build_model(name: str, patch_size: int, size: str = "small", mask_ratio: float = 0.75,
@@ -104,35 +73,33 @@ def build_model(name: str, patch_size: int, size: str = "small", mask_ratio: flo
         raise UserError(f"unknown size {size!r}; choose one of {', '.join(SIZES)}")
     try:
         if name == "toy":
-            from mae3d.train.toy import ToyMAE
+            from mae3d.testing import ToyMAE
 
             model = ToyMAE(mask_ratio=mask_ratio, **overrides)
         elif name == "s3d":
             spec = {**_S3D_SIZES[size], **overrides}
             block = spec.pop("block_size")
             extra = {k: spec.pop(k) for k in list(spec) if k not in _BACKBONE_KEYS}
-            model = _models().S3D(_resenc(1, spec), block_size=block, mask_ratio=mask_ratio,
+            model = models.S3D(_resenc(1, spec), block_size=block, mask_ratio=mask_ratio,
                                   **extra)
         elif name == "bertswin":
             if size == "base":
-                model = _models().bertswin_base(img_size=patch_size, mask_ratio=mask_ratio,
+                model = models.bertswin_base(img_size=patch_size, mask_ratio=mask_ratio,
                                                 **overrides)
             else:
                 spec = {**_BERTSWIN_SIZES[size], **overrides}
                 grid = patch_size // spec["patch_size"]
                 spec["window_size"] = max(1, min(spec["window_size"], grid))
-                model = _models().BertsWin(img_size=patch_size, mask_ratio=mask_ratio, **spec)
+                model = models.BertsWin(img_size=patch_size, mask_ratio=mask_ratio, **spec)
         elif name == "vitmae":
             if size == "base":
-                model = _models().vitmae_base(img_size=patch_size, mask_ratio=mask_ratio,
+                model = models.vitmae_base(img_size=patch_size, mask_ratio=mask_ratio,
                                               **overrides)
             else:
                 spec = {**_VITMAE_SIZES[size], **overrides}
-                model = _models().ViTMAE3d(img_size=patch_size, mask_ratio=mask_ratio, **spec)
+                model = models.ViTMAE3d(img_size=patch_size, mask_ratio=mask_ratio, **spec)
         else:
             raise UserError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
-    except (ImportError, AttributeError) as e:
-        raise _missing(name, e) from None
     except (TypeError, ValueError) as e:
         raise UserError(f"model {name!r} ({size}, patch {patch_size}): {e}") from None
     check_patch_size(model, patch_size, name)
@@ -167,15 +134,15 @@ def build_segmentation_net(name: str, size: str, num_classes: int,
     (B, num_classes, D, H, W). S3D -> the same ResEnc U-Net as its backbone (nnU-Net layout)."""
     try:
         if name == "toy":
-            from mae3d.train.toy import ToySegNet
+            from mae3d.testing import ToySegNet
 
             return ToySegNet(num_classes, **{k: v for k, v in overrides.items() if k == "width"})
         if name == "s3d":
             spec = {**_S3D_SIZES[size], **overrides}
             spec = {k: v for k, v in spec.items() if k in _BACKBONE_KEYS}
             return _resenc(num_classes, spec)
-    except (ImportError, AttributeError) as e:
-        raise _missing(name, e) from None
+    except (TypeError, ValueError) as e:
+        raise UserError(f"segmentation network for {name!r} ({size}): {e}") from None
     raise UserError(f"fine-tuning supports S3D checkpoints (ResEnc U-Net encoder), not {name!r}")
 
 
@@ -201,7 +168,7 @@ def transfer_encoder(mae: nn.Module, net: nn.Module, name: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "encoder.pt")
         mae.export_encoder(path)
-        _models().load_pretrained_encoder(net, path)
+        models.load_pretrained_encoder(net, path)
 
 
 def encoder_parameters(net: nn.Module) -> Iterator[nn.Parameter]:

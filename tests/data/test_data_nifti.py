@@ -12,14 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from mae3d.data import (
-    NiftiSkipWarning,
-    NiftiVolumeDataset,
-    make_phantom,
-    preprocess,
-    resolve_files,
-    write_phantom_nifti,
-)
+from mae3d.data import NiftiSkipWarning, NiftiVolumeDataset, preprocess, resolve_files
+from mae3d.testing import make_phantom, write_phantom_nifti
 
 LPS = np.diag([-1.2, -0.9, 1.4, 1.0])
 

@@ -10,7 +10,7 @@ from nibabel.processing import resample_to_output
 from nibabel.spaces import vox2out_vox
 from scipy.spatial.transform import Rotation
 
-from mae3d.data import make_phantom, preprocess, preprocess_with_affine, write_phantom_nifti
+from mae3d.data import preprocess, preprocess_with_affine
 from mae3d.data.preprocessing import (
     crop_nonzero,
     output_grid,
@@ -19,6 +19,7 @@ from mae3d.data.preprocessing import (
     to_ras_array,
     zscore_nonzero,
 )
+from mae3d.testing import make_phantom, write_phantom_nifti
 
 SHAPE = (26, 30, 22)
 

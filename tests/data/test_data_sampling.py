@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from mae3d.data import NiftiVolumeDataset, PatchDataset, build_loader, write_phantom_nifti
+from mae3d.data import NiftiVolumeDataset, PatchDataset, build_loader
+from mae3d.testing import write_phantom_nifti
 
 
 class _Volumes:

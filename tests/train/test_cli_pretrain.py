@@ -12,7 +12,7 @@ import torch
 from train_testing import run_cli, toy_args, write_volumes
 
 from mae3d.train import checkpoint as ckpt
-from mae3d.train import loop
+from mae3d.train import step as train_step_module
 from mae3d.train.logs import read_log
 
 
@@ -46,18 +46,18 @@ def test_ctrl_c_checkpoints_and_resume_equals_uninterrupted(data_dir, tmp_path, 
                                                             monkeypatch):
     full, part = str(tmp_path / "full"), str(tmp_path / "part")
     assert run_cli(toy_args(data_dir, full, 6, "--save-every", "2"), capsys)[0] == 0
-    original = loop.augment_batch
+    original = train_step_module.augment_batch
 
     def ctrl_c_at_step_2(x, step, seed):
         if step == 2:
             os.kill(os.getpid(), signal.SIGINT)
         return original(x, step, seed)
 
-    monkeypatch.setattr(loop, "augment_batch", ctrl_c_at_step_2)
+    monkeypatch.setattr(train_step_module, "augment_batch", ctrl_c_at_step_2)
     rc, _, err = run_cli(toy_args(data_dir, part, 6, "--save-every", "2"), capsys)
     assert rc == 130 and "interrupted at step 3" in err
     assert ckpt.latest_checkpoint(part).endswith("step-000003")  # saved on Ctrl-C
-    monkeypatch.setattr(loop, "augment_batch", original)
+    monkeypatch.setattr(train_step_module, "augment_batch", original)
     assert run_cli(toy_args(data_dir, part, 6, "--save-every", "2", "--resume"), capsys)[0] == 0
     a, b = read_log(os.path.join(full, "log.csv")), read_log(os.path.join(part, "log.csv"))
     assert [r["step"] for r in b] == list(range(6))

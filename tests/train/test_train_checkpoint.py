@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from mae3d.errors import UserError
+from mae3d.testing import ToyMAE
 from mae3d.train import checkpoint as ckpt
-from mae3d.train.config import UserError
-from mae3d.train.toy import ToyMAE
 
 
 def _state(model):

@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file
 from train_testing import run_cli, toy_args, write_segmentation, write_volumes
 
+from mae3d.optim.recipes import finetune_multiplier
+from mae3d.testing import ToySegNet
 from mae3d.train import checkpoint as ckpt
 from mae3d.train.finetune import dice_per_class, load_segmentation_data, predict
-from mae3d.train.schedule import finetune_multiplier
-from mae3d.train.toy import ToySegNet
 
 
 def test_dice_known_answers():
@@ -49,7 +49,7 @@ def test_finetune_reports_dice_with_pretrained_encoder(tmp_path, capsys, monkeyp
     # the reported Dice is what the saved network predicts on the held-out half
     seg = ToySegNet(3)
     seg.load_state_dict(load_file(os.path.join(out, "segmentation.safetensors")))
-    x, y, _ = load_segmentation_data(img, lab, 1.5)
+    [x], [y], _ = load_segmentation_data(img, lab, 1.5)
     h = x.shape[0] // 2
     again = dice_per_class(predict(seg, x[h:], 16, torch.device("cpu")), y[h:], 3)
     assert again == pytest.approx(list(res["dice"].values()), nan_ok=True)

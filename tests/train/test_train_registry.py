@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mae3d.errors import UserError
 from mae3d.models.base import MAEOutput
-from mae3d.train.config import UserError
+from mae3d.optim.recipes import build_optimizer, build_scheduler
 from mae3d.train.registry import RECIPES, build_model, build_segmentation_net
-from mae3d.train.schedule import build_optimizer, build_scheduler
 
 
 @pytest.mark.parametrize("name,patch", [("s3d", 16), ("bertswin", 32), ("vitmae", 32)])

@@ -1,8 +1,14 @@
-"""Synthetic head-like phantoms and NIfTI files for tests and demos.
+"""Stand-ins for tests and smoke checks: a tiny MAE, its segmentation twin, head-like phantoms.
 
-A phantom is nested ellipsoids with T1-like intensities (scalp, skull, CSF, grey matter, white
-matter, ventricles) plus Gaussian noise inside the head and an exactly zero background, so the
-crop-to-non-zero step of the preprocessing has something to do.
+- ``ToyMAE`` / ``ToySegNet``: a dense conv MAE and its segmentation twin that follow the model
+  contract every mae3d MAE follows (``mae3d.models.base.MAEOutput``): ``forward(x, mask=None)``
+  with x (B, 1, D, H, W) and mask (B, D/c, H/c, W/c) bool (True = visible, c = ``mask_cell``)
+  returns (loss on masked voxels, reconstruction (B, 1, D, H, W), mask). They let the training
+  loop, the CLI and their tests run in seconds on a CPU (``--model toy``); not models to
+  pre-train with.
+- ``make_phantom`` / ``write_phantom_nifti``: synthetic head-like volumes (nested ellipsoids with
+  T1-like intensities, Gaussian noise inside the head, an exactly zero background so that the
+  crop-to-non-zero step of the preprocessing has something to do) as arrays or NIfTI files.
 """
 
 from __future__ import annotations
@@ -10,10 +16,74 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
+from torch import Tensor, nn
 
-__all__ = ["make_phantom", "write_phantom_nifti"]
+from mae3d.masking import random_block_mask, upsample_block_mask
+from mae3d.models.base import MAEOutput
+
+__all__ = ["ToyMAE", "ToySegNet", "make_phantom", "write_phantom_nifti"]
+
+
+def _encoder(width: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(1, width, 3, padding=1), nn.LeakyReLU(0.01),
+        nn.Conv3d(width, width, 3, stride=2, padding=1), nn.LeakyReLU(0.01),
+    )
+
+
+def _decoder(width: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose3d(width, width, 2, stride=2), nn.LeakyReLU(0.01),
+        nn.Conv3d(width, out_channels, 1),
+    )
+
+
+class ToyMAE(nn.Module):
+    """Dense conv encoder (stride 2) + transposed-conv decoder, MSE on masked voxels.
+
+    Args:
+        width: channels of the hidden maps.
+        mask_cell: voxels per mask-cell edge (even, divides the patch size).
+        mask_ratio: fraction of cells masked when ``forward`` draws the mask itself.
+        nan_after: test hook; forwards after this many return a NaN loss (None = never).
+    """
+
+    def __init__(self, width: int = 8, mask_cell: int = 4, mask_ratio: float = 0.75,
+                 nan_after: int | None = None):
+        super().__init__()
+        self.mask_cell, self.mask_ratio, self.nan_after = int(mask_cell), mask_ratio, nan_after
+        self.encoder = _encoder(width)
+        self.decoder = _decoder(width, 1)
+        self._calls = 0
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> MAEOutput:
+        B, _, D, H, W = x.shape
+        c = self.mask_cell
+        if mask is None:
+            mask = random_block_mask(B, (D // c, H // c, W // c), self.mask_ratio, device=x.device)
+        vis = upsample_block_mask(mask, c, (D, H, W)).to(x.dtype)
+        rec = self.decoder(self.encoder(x * vis))
+        hidden = 1.0 - vis
+        loss = (((rec.float() - x.float()) ** 2) * hidden).sum() / hidden.sum().clamp_min(1.0)
+        self._calls += 1
+        if self.nan_after is not None and self._calls > self.nan_after:
+            loss = loss * float("nan")
+        return MAEOutput(loss, rec, mask)
+
+
+class ToySegNet(nn.Module):
+    """Segmentation twin of ``ToyMAE``: same ``encoder`` keys, logits (B, num_classes, D, H, W)."""
+
+    def __init__(self, num_classes: int, width: int = 8):
+        super().__init__()
+        self.encoder = _encoder(width)
+        self.decoder = _decoder(width, num_classes)
+        self.divisor = 2
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(self.encoder(x))
+
 
 # (relative radius, intensity) from the outside in; T1-weighted ordering: WM > GM > CSF.
 _LAYERS = (
@@ -76,6 +146,8 @@ def write_phantom_nifti(
     ``affine`` (4x4) for other orientations (e.g. LPS: negative first two diagonal entries) or
     oblique grids. ``dtype`` lets tests write integer images (scaled by 1000).
     """
+    import nibabel as nib
+
     path = Path(path)
     data = make_phantom(shape, seed)
     if affine is None:

@@ -1,0 +1,120 @@
+"""The training step shared by pre-training, fine-tuning and ``bench/convergence.py``.
+
+``train_step(loss_fn, optimizer, scheduler, ...)``: the loss under optional bf16 autocast ->
+its value averaged over ranks (one all-reduce, which also carries a "stop" request) -> a NaN / inf
+loss raises ``NonFiniteLossError`` before anything is updated -> zero_grad, backward, grad-norm
+clip, optimiser and scheduler step. ``mae_inputs`` gives the MAE loops the same per-step inputs:
+augmentation and block masks drawn from generators seeded by (seed, step), so a resumed or
+repeated run sees exactly what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from mae3d.errors import NonFiniteLossError, UserError
+from mae3d.masking import random_block_mask
+from mae3d.train.distributed import DistInfo, reduce_loss_and_stop
+
+__all__ = ["StepResult", "augment_batch", "autocast", "mae_inputs", "mae_loss",
+           "oom_as_user_error", "train_step", "unwrap"]
+
+
+@dataclass(frozen=True)
+class StepResult:
+    """loss: this step's loss (mean over ranks); lr: the learning rate of this update; stop:
+    some rank asked to stop (Ctrl-C, SIGTERM, time budget) - every rank sees the same answer."""
+
+    loss: float
+    lr: float
+    stop: bool = False
+
+
+def autocast(device_type: str, amp: torch.dtype | None):
+    """``torch.autocast`` to ``amp`` (e.g. torch.bfloat16), or nothing when ``amp`` is None."""
+    return nullcontext() if amp is None else torch.autocast(device_type, dtype=amp)
+
+
+def train_step(loss_fn: Callable[[], Tensor], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler | None = None, *,
+               clip: float | None = None, amp: torch.dtype | None = None,
+               device_type: str = "cpu", step: int = 0, stop: bool = False,
+               dist_info: DistInfo | None = None) -> StepResult:
+    """One optimisation step; ``loss_fn()`` returns the scalar loss of this step's batch.
+
+    clip: gradient-norm clip over the optimizer's parameters (None / 0 = none). step: only for
+    the message of ``NonFiniteLossError``, raised on every rank (the loss is all-reduced first)
+    before any gradient or parameter changes. stop: this rank's stop request, OR-ed over ranks.
+    """
+    with autocast(device_type, amp):
+        loss = loss_fn()
+    loss = loss.float()
+    value, stop = reduce_loss_and_stop(float(loss.detach()), stop, dist_info)
+    if not math.isfinite(value):
+        raise NonFiniteLossError(step, value)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if clip:
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        torch.nn.utils.clip_grad_norm_(params, clip)
+    lr = float(optimizer.param_groups[0]["lr"])
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    return StepResult(value, lr, stop)
+
+
+def mae_loss(model: Callable[..., object], x: Tensor, mask: Tensor) -> Tensor:
+    """The MAE loss of ``model(x, mask=mask)`` (``MAEOutput.loss``): ``loss_fn`` of the MAE loops
+    as ``functools.partial(mae_loss, model, x, mask)``."""
+    return model(x, mask=mask).loss  # type: ignore[attr-defined]
+
+
+def augment_batch(x: Tensor, step: int, seed: int) -> Tensor:
+    """``mae3d.data.augment`` with the generator of (seed, step)."""
+    from mae3d.data import augment, step_generator
+
+    return augment(x, step_generator(seed, step, stream=2))
+
+
+def mae_inputs(x: Tensor, step: int, seed: int, grid: int, mask_ratio: float, *,
+               augment: bool = True, rank: int = 0, world_size: int = 1
+               ) -> tuple[Tensor, Tensor]:
+    """(batch, block mask) of one MAE step on ``x``'s device: x (B, 1, p, p, p) augmented (if
+    asked), mask (B, grid, grid, grid) drawn for the global batch of ``B * world_size`` samples
+    and sliced like the data (global sample j belongs to rank j % world_size), so N ranks with
+    batch B see the masks one process with batch N * B sees."""
+    from mae3d.data import step_generator
+
+    if augment:
+        x = augment_batch(x, step, seed)
+    mask = random_block_mask(x.shape[0] * world_size, grid, mask_ratio,
+                             generator=step_generator(seed, step))
+    return x, mask[rank::world_size].to(x.device)
+
+
+@contextmanager
+def oom_as_user_error(device: torch.device, what: str) -> Iterator[None]:
+    """Out of memory -> ``UserError`` saying which settings to lower (``what``)."""
+    try:
+        yield
+    except torch.cuda.OutOfMemoryError:  # = torch.OutOfMemoryError, any device
+        raise UserError(f"out of memory on {device} with {what}: lower one of them (or use "
+                        "--amp bf16)") from None
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / torch.compile wrappers."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
