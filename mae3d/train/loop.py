@@ -213,7 +213,6 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     recipe = RECIPES[cfg.model]
     opt = build_optimizer(model.parameters(), recipe, cfg.lr, cfg.weight_decay)
     sched = build_scheduler(opt, recipe, cfg.steps)
-    volumes = open_volumes(cfg.data, cfg.spacing)
 
     start, last, history, rng = 0, None, [], None
     point = _resume_point(cfg, info, model)
@@ -230,6 +229,7 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
                 print(f"mae3d pretrain: --resume at step {start} with {what}"
                       + (" (schedule re-planned)" if "steps" in changes else ""), file=sys.stderr)
     _plan(opt, sched, recipe, cfg)
+    volumes = open_volumes(cfg.data, cfg.spacing)
     clip = recipe.clip if cfg.clip is None else cfg.clip
     loader = data_module().build_loader(
         volumes, cfg.patch_size, cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
