@@ -198,7 +198,7 @@ class NiftiVolumeDataset(Dataset):
         if not self.files:
             raise ValueError(
                 f"no readable 3-D NIfTI volume in source {source!r} "
-                f"({len(self.skipped)} file(s) skipped, see the warning above)"
+                f"({len(self.skipped)} file(s) skipped)"
             )
 
     def _cached(self, path: Path) -> tuple[Path, dict]:

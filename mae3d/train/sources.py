@@ -3,6 +3,9 @@ read, resample, crop, z-score and cache volumes the same way; errors become ``Us
 
 from __future__ import annotations
 
+import warnings
+from functools import partial
+
 from mae3d.errors import UserError
 from mae3d.train.config import parse_sources
 
@@ -18,14 +21,26 @@ def data_module():
     return data
 
 
+def _read(what: str, load, *args):
+    """``load(*args)``; its skip warnings are passed on when something was read, and folded into
+    the one-line ``UserError`` (``what``: the flags) when nothing was."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = load(*args)
+        except (FileNotFoundError, ValueError) as e:
+            skipped = "; ".join(" ".join(str(w.message).split()) for w in caught)
+            raise UserError(f"{what}: {e}" + (f" ({skipped})" if skipped else "")) from None
+    for w in caught:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return result
+
+
 def open_volumes(text: str, spacing: float, flag: str = "--data"):
     """``NiftiVolumeDataset`` of ``--data`` (unreadable files in a folder skipped with a
     warning, as in pre-training)."""
-    data = data_module()
-    try:
-        return data.NiftiVolumeDataset(parse_sources(text, flag), spacing=spacing)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"{flag} {text}: {e}") from None
+    return _read(f"{flag} {text}", partial(data_module().NiftiVolumeDataset, spacing=spacing),
+                 parse_sources(text, flag))
 
 
 def open_segmentation(images: str, labels: str | None, spacing: float):
@@ -36,7 +51,5 @@ def open_segmentation(images: str, labels: str | None, spacing: float):
     if images.strip().lower() != "mni152" and labels is None:
         raise UserError("--labels FILE is required unless --data mni152")
     lab = None if labels is None else parse_sources(labels, "--labels")
-    try:
-        return data.load_segmentation(parse_sources(images), lab, spacing)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"--data {images} / --labels {labels}: {e}") from None
+    return _read(f"--data {images} / --labels {labels}", data.load_segmentation,
+                 parse_sources(images), lab, spacing)
