@@ -29,10 +29,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-class _Terminated(BaseException):
-    """SIGTERM outside the training loop (which handles it by saving first)."""
-
-
 def _pretrain_parser(sub) -> None:
     p = sub.add_parser("pretrain", help="masked-autoencoder pre-training (S3D, BertsWin, ViT-MAE)")
     p.add_argument("--model", help="s3d | bertswin | vitmae (default s3d)")
@@ -109,9 +105,11 @@ def _exit_code(e: SystemExit) -> int:
 
 @contextmanager
 def _command_context(cmd: str) -> Iterator[None]:
-    """SIGTERM -> ``_Terminated``; warnings printed as ``mae3d <cmd>: warning: ...``."""
-    def on_sigterm(signum, frame):
-        raise _Terminated
+    """SIGTERM -> ``mae3d.errors.Terminated``; warnings printed as ``mae3d <cmd>: warning: ...``."""
+    from mae3d.errors import Terminated
+
+    def on_sigterm(signum, frame):  # the training loop installs its own (save, then stop)
+        raise Terminated
 
     def show(message, category, filename, lineno, file=None, line=None):
         print(f"mae3d {cmd}: warning: {message}", file=sys.stderr)
@@ -143,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mae3d {args.cmd}: unrecognized arguments: {' '.join(rest)} "
               f"(see mae3d {args.cmd} --help)", file=sys.stderr)
         return EXIT_USER
-    from mae3d.errors import NonFiniteLossError, UserError
+    from mae3d.errors import NonFiniteLossError, Terminated, UserError
 
     try:
         with _command_context(args.cmd):
@@ -157,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # the file system refused (full disk, permissions): the user's to fix
         print(f"mae3d {args.cmd}: {e}", file=sys.stderr)
         return EXIT_USER
-    except _Terminated:
+    except Terminated:
         print(f"mae3d {args.cmd}: terminated (SIGTERM)", file=sys.stderr)
         return EXIT_TERMINATED
     except KeyboardInterrupt:

@@ -5,17 +5,23 @@
   stderr, one line, and exits with status 2.
 - ``NonFiniteLossError``: the loss became NaN or inf; training stopped before the update, and the
   last checkpoint written (always from a state whose loss was finite) is kept. Exit status 3.
+- ``Terminated``: SIGTERM where the process cannot stop gracefully (outside the training loop,
+  or a second SIGTERM during one). Exit status 143.
 
 This module imports nothing from mae3d, so every layer may raise these errors.
 """
 
 from __future__ import annotations
 
-__all__ = ["NonFiniteLossError", "UserError"]
+__all__ = ["NonFiniteLossError", "Terminated", "UserError"]
 
 
 class UserError(Exception):
     """A mistake the user can fix; the message names the flag or file and what was expected."""
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived; like KeyboardInterrupt it is no ``Exception``, so nothing swallows it."""
 
 
 class NonFiniteLossError(RuntimeError):

@@ -36,7 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mae3d.errors import NonFiniteLossError, UserError
+from mae3d.errors import NonFiniteLossError, Terminated, UserError
 from mae3d.optim.recipes import Recipe, build_optimizer, build_scheduler, lr_multiplier
 from mae3d.train import checkpoint as ckpt
 from mae3d.train.config import PretrainConfig, check_resume, data_key
@@ -80,7 +80,7 @@ class _StopRequest:
 @contextmanager
 def stop_signals() -> Iterator[_StopRequest]:
     """The first SIGINT or SIGTERM sets ``signum`` (the loop saves a checkpoint after the current
-    step and stops); a second one raises KeyboardInterrupt (abort without saving)."""
+    step and stops); a second one aborts without saving (KeyboardInterrupt, ``Terminated``)."""
     request = _StopRequest()
     if threading.current_thread() is not threading.main_thread():
         yield request
@@ -88,7 +88,7 @@ def stop_signals() -> Iterator[_StopRequest]:
 
     def handler(signum, frame):
         if request.signum is not None:
-            raise KeyboardInterrupt
+            raise Terminated if signum == signal.SIGTERM else KeyboardInterrupt
         request.signum = signum
         print(f"\nmae3d: {_SIGNAL_NAMES.get(signum, signum)}: saving a checkpoint after this step "
               "(send it again to abort)", file=sys.stderr)
@@ -130,8 +130,30 @@ def _plan(opt: torch.optim.Optimizer, sched, recipe: Recipe, cfg: PretrainConfig
     sched._last_lr = [g["lr"] for g in opt.param_groups]
 
 
-def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module):
-    """(checkpoint folder, meta, training state, changed fields) to resume from, or None.
+def _load_states(where: str, state: dict[str, Any], opt, sched) -> int:
+    """Load optimizer and scheduler states, check the RNG state; the step they are at.
+    Anything that does not fit means a damaged file: ``CheckpointDamaged`` naming it."""
+    path = os.path.join(where, "state.pt")
+    saved_rng = ckpt.capture_rng()
+    try:
+        step = state["data"]["step"]
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"data.step is {step!r}")
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        ckpt.restore_rng(state["rng"])  # only to check it: restored again below
+    except Exception as e:  # any structure that does not fit: damage
+        raise ckpt.CheckpointDamaged(f"checkpoint {path}: unusable training state "
+                                     f"({type(e).__name__}: {e})") from None
+    finally:
+        ckpt.restore_rng(saved_rng)
+    return step
+
+
+def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sched):
+    """(checkpoint folder, meta, start step, RNG state, changed fields) of the checkpoint that
+    ``model``, ``opt`` and ``sched`` were loaded from, or None (then only ``opt`` and ``sched``
+    may have been touched: rebuild them; ``model`` is loaded last, only on success).
 
     Refusals (a fixed field changed, an incompatible model) raise ``UserError``; a damaged
     checkpoint is moved aside with a warning and the next older one is tried."""
@@ -142,11 +164,15 @@ def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module):
     while existing is not None:
         try:
             meta = ckpt.read_meta(existing)
-            changes = check_resume(meta, cfg, int(meta.get("step", 0)), info.world_size,
-                                   existing)
+            step = meta.get("step")
+            if not isinstance(meta.get("config"), dict) or not isinstance(step, int):
+                raise ckpt.CheckpointDamaged(f"checkpoint {existing}/meta.json: lacks its config "
+                                             "or step")
+            changes = check_resume(meta, cfg, step, info.world_size, existing)
             state = ckpt.load_training_state(existing, _STATE_KEYS)
+            start = _load_states(existing, state, opt, sched)
             ckpt.load_model_weights(existing, model)
-            return existing, meta, state, changes
+            return existing, meta, start, state["rng"], changes
         except ckpt.CheckpointDamaged as e:
             barrier(info)  # every rank has read it before rank 0 moves it
             if info.is_main:
@@ -211,17 +237,19 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
     model = build_model(cfg.model, cfg.patch_size, cfg.size, cfg.mask_ratio,
                         **cfg.model_overrides).to(info.device)
     recipe = RECIPES[cfg.model]
-    opt = build_optimizer(model.parameters(), recipe, cfg.lr, cfg.weight_decay)
-    sched = build_scheduler(opt, recipe, cfg.steps)
 
+    def fresh():
+        opt = build_optimizer(model.parameters(), recipe, cfg.lr, cfg.weight_decay)
+        return opt, build_scheduler(opt, recipe, cfg.steps)
+
+    opt, sched = fresh()
     start, last, history, rng = 0, None, [], None
-    point = _resume_point(cfg, info, model)
-    if point is not None:
-        last, meta, state, changes = point
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        start, rng = int(state["data"]["step"]), state["rng"]
-        history = list(meta.get("history", []))
+    point = _resume_point(cfg, info, model, opt, sched)
+    if point is None:
+        opt, sched = fresh()
+    else:
+        last, meta, start, rng, changes = point
+        history = list(meta.get("history", [])) if isinstance(meta.get("history"), list) else []
         if changes:
             history.append({"step": start, "changed": changes})
             if info.is_main:
@@ -279,10 +307,10 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
                 except NonFiniteLossError as e:
                     e.last_checkpoint = result.checkpoint
                     raise
+                dt = time.perf_counter() - t0
                 if snap is not None:  # the state before this step had a finite loss: keep it
                     result.checkpoint = saver.write(snap, res.loss)
                 done = step + 1
-                dt = time.perf_counter() - t0
                 result.losses.append(res.loss)
                 result.step = done
                 with writing(logger.path):

@@ -165,16 +165,33 @@ def test_a_resave_killed_midway_is_restored(tmp_path):
 
 # -- damaged and partial files --------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["meta.json", "state.pt", "model.safetensors"])
-def test_a_damaged_checkpoint_is_set_aside_on_resume(name, data_dir, tmp_path, capsys):
+def _damage(path: str, how: str) -> None:
+    if how == "truncated":
+        with open(path, "r+b") as f:
+            f.truncate(os.path.getsize(path) // 2)
+    elif path.endswith("meta.json"):  # valid JSON, wrong content
+        meta = json.load(open(path))
+        meta["step"] = "two"
+        json.dump(meta, open(path, "w"))
+    else:  # a loadable state.pt whose optimizer state is not one
+        state = ckpt.load_training_state(os.path.dirname(path))
+        state["optimizer"] = {"state": 3}
+        torch.save(state, path)
+
+
+@pytest.mark.parametrize("name,how", [
+    ("meta.json", "truncated"), ("state.pt", "truncated"), ("model.safetensors", "truncated"),
+    ("meta.json", "wrong content"), ("state.pt", "wrong content"),
+])
+def test_a_damaged_checkpoint_is_set_aside_on_resume(name, how, data_dir, tmp_path, capsys):
     out = str(tmp_path / "run")
     assert run_cli(toy_args(data_dir, out, 2), capsys)[0] == 0
     path = os.path.join(out, "checkpoints", "step-000002", name)
-    with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+    _damage(path, how)
     rc, _, err = run_cli(toy_args(data_dir, out, 3, "--resume"), capsys)
     assert rc == 0, err
     assert f"warning: --resume: checkpoint {path}" in err and "starting at step 0" in err
+    assert "Traceback" not in err
     assert _steps_on_disk(out) == ["step-000002.damaged", "step-000003"]
     assert [r["step"] for r in read_log(os.path.join(out, "log.csv"))] == [0, 1, 2]
 
