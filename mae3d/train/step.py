@@ -104,9 +104,13 @@ def oom_as_user_error(device: torch.device, what: str) -> Iterator[None]:
     """Out of memory -> ``UserError`` saying which settings to lower (``what``)."""
     try:
         yield
-    except torch.cuda.OutOfMemoryError:  # = torch.OutOfMemoryError, any device
+    except (torch.cuda.OutOfMemoryError, MemoryError) as e:  # = torch.OutOfMemoryError; numpy
         raise UserError(f"out of memory on {device} with {what}: lower one of them (or use "
-                        "--amp bf16)") from None
+                        f"--amp bf16) ({str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    except RuntimeError as e:  # torch's CPU allocator reports with a plain RuntimeError
+        if "DefaultCPUAllocator" not in str(e):
+            raise
+        raise UserError(f"out of memory on {device} with {what}: lower one of them") from None
 
 
 def unwrap(model: nn.Module) -> nn.Module:

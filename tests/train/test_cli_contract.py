@@ -114,6 +114,8 @@ CASES = {
                                 "--patch-size must be a positive integer"),
     "pretrain --patch-size 18": (lambda c, o, t: [*toy_args(c["data"], o), "--patch-size", "18"],
                                  "must be a multiple of 4"),
+    "pretrain --patch-size huge": (lambda c, o, t: [*toy_args(c["data"], o), "--patch-size",
+                                                    "100000"], "out of memory on cpu"),
     "pretrain --mask-ratio 1.5": (lambda c, o, t: [*toy_args(c["data"], o), "--mask-ratio",
                                                    "1.5"], "--mask-ratio must be a finite number"),
     "pretrain --mask-ratio nan": (lambda c, o, t: [*toy_args(c["data"], o), "--mask-ratio",
