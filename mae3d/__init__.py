@@ -1,7 +1,8 @@
 """mae3d: fused 3D kernels and models for masked-autoencoder pre-training of volumetric images.
 
 Importing the package registers the ``torch.ops.mae3d.*`` operators. It is cheap: it neither imports
-Triton nor initialises CUDA; GPU kernels are loaded on their first use.
+Triton nor initialises CUDA; GPU kernels are loaded on their first use, and ``create_model`` /
+``list_models`` (from ``mae3d.train.registry``) import the models on first use.
 """
 
 from mae3d import masking, nn, ops, reference, sparse
@@ -11,6 +12,8 @@ from mae3d.sparse import sparsify
 __version__ = "0.1.0"
 __all__ = [
     "__version__",
+    "create_model",
+    "list_models",
     "masked_norm",
     "masking",
     "nn",
@@ -21,3 +24,15 @@ __all__ = [
     "sparsify",
     "window_attention3d",
 ]
+
+_LAZY = {"create_model": "mae3d.train.registry", "list_models": "mae3d.train.registry"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mae3d' has no attribute {name!r}")

@@ -19,11 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from mae3d.errors import NonFiniteLossError, UserError
-from mae3d.masking import random_block_mask
+from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.train.distributed import DistInfo, reduce_loss_and_stop
 
 __all__ = ["StepResult", "augment_batch", "autocast", "mae_inputs", "mae_loss",
-           "oom_as_user_error", "train_step", "unwrap"]
+           "mean_predictor_loss", "oom_as_user_error", "train_step", "unwrap"]
 
 
 @dataclass(frozen=True)
@@ -122,3 +122,25 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def mean_predictor_loss(volumes, patch_size: int, mask_cell: int, mask_ratio: float, *,
+                        seed: int = 0, steps: int = 32, batch_size: int = 2,
+                        augment: bool = True) -> float:
+    """The loss of predicting each crop's own mean intensity: the masked-voxel MSE of
+    ``x.mean()`` against x, averaged over the first ``steps`` batches that a run with this
+    ``seed`` trains on (same crops, augmentation and masks: ``build_loader`` + ``mae_inputs``).
+    A reference level for loss curves: an MAE whose loss stays above it has not learnt more
+    than the crop's mean. volumes: a ``mae3d.data`` volume set."""
+    from mae3d.data import build_loader
+
+    grid = patch_size // mask_cell
+    total = 0.0
+    loader = build_loader(volumes, patch_size, batch_size, steps=steps, seed=seed)
+    for step, x in enumerate(loader):
+        x, mask = mae_inputs(x, step, seed, grid, mask_ratio, augment=augment)
+        x = x.float()
+        hidden = ~upsample_block_mask(mask, mask_cell, x.shape[2:])
+        err = (x - x.mean(dim=(1, 2, 3, 4), keepdim=True)) ** 2
+        total += float((err * hidden).sum() / hidden.sum().clamp_min(1))
+    return total / steps
