@@ -71,10 +71,14 @@ def masked_count(cells: int, ratio: float, count: str = "mae") -> int:
     _check_count(count)
     if not isinstance(cells, int) or isinstance(cells, bool) or cells < 0:
         raise ValueError(f"cells must be an int >= 0, got {cells!r}")
-    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool):
+    if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 <= ratio <= 1:
         raise ValueError(f"ratio must be a float in [0, 1], got {ratio!r}")
-    r = _ratios(ratio, 1, None)
-    return int(_masked_counts(r, cells, count)[0])
+    r = float(ratio)  # plain Python floats (no tensor: usable under a meta default device)
+    if count == "mae":
+        return cells - int(cells * (1.0 - r))
+    if count == "nnssl":
+        return int(r * cells)
+    return round(r * cells)
 
 
 def visible_count(cells: int, ratio: float, count: str = "mae") -> int:

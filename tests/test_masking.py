@@ -77,6 +77,10 @@ def test_bad_count_rule():
         masked_count(8, (0.5, 0.6))
     with pytest.raises(ValueError, match="cells must be"):
         masked_count(-1, 0.5)
+    with pytest.raises(ValueError, match="ratio must be a float"):
+        masked_count(8, 1.5)
+    with torch.device("meta"):  # plain Python: models built on the meta device use it
+        assert masked_count(64, 0.6) == 39
 
 
 def test_reproducible_and_samples_differ():
