@@ -62,17 +62,27 @@ class MaskState:
         self.coarse: str = "dense"
 
     def at(
-        self, spatial: Sequence[int], name: str = ""
+        self, spatial: Sequence[int], name: str = "", batch: int | None = None
     ) -> tuple[Tensor, tuple[int, int, int]] | None:
         """(block_mask, block size per axis) at a feature map of spatial size ``spatial``;
-        None = dense. ``name`` (the layer asking) prefixes errors."""
-        if self.block_mask is None:
+        None = dense. ``name`` (the layer asking) prefixes errors; ``batch``, the map's batch
+        size, must be the mask's."""
+        m = self.block_mask
+        if m is None:
             return None
-        return block_mask_at(self.block_mask, spatial, self.coarse, name=name or "sparsify")
+        who = name or "sparsify"
+        if batch is not None and batch != m.shape[0]:
+            raise ValueError(
+                f"{who}: its input has batch size {batch} but the active block "
+                f"mask has {m.shape[0]} samples"
+            )
+        return block_mask_at(m, spatial, self.coarse, name=who)
 
-    def voxels(self, spatial: Sequence[int], name: str = "") -> Tensor | None:
+    def voxels(
+        self, spatial: Sequence[int], name: str = "", batch: int | None = None
+    ) -> Tensor | None:
         """(B, 1, *spatial) bool voxel mask at that resolution; None = dense."""
-        return _voxels(self.at(spatial, name), spatial)
+        return _voxels(self.at(spatial, name, batch), spatial)
 
 
 def _voxels(st, spatial) -> Tensor | None:
@@ -139,7 +149,8 @@ class _MaskedConv3d(SparseConv3d):
         n_in = tuple(x.shape[2:])
         n_out = _conv_out(self, n_in)
         _check_aligned(self, n_in, n_out, self.stride, up=False)
-        src, dst = state.at(n_in, name), state.at(n_out, name)
+        B = x.shape[0]
+        src, dst = state.at(n_in, name, B), state.at(n_out, name, B)
         if dst is None:
             return nn.Conv3d.forward(self, x)
         if src is not None and not self._dense_fallback:
@@ -164,20 +175,20 @@ class _MaskedConvTranspose3d(nn.ConvTranspose3d):
         if state.block_mask is None:
             return y
         _check_aligned(self, x.shape[2:], y.shape[2:], self.stride, up=True)
-        return _remask(y, state.at(y.shape[2:], _label(self)))
+        return _remask(y, state.at(y.shape[2:], _label(self), y.shape[0]))
 
 
 class _MaskedInstanceNorm3d(MaskedInstanceNorm3d):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
-            mask = _state(self).voxels(x.shape[2:], _label(self))
+            mask = _state(self).voxels(x.shape[2:], _label(self), x.shape[0])
         return super().forward(x, mask)
 
 
 class _MaskedBatchNorm3d(MaskedBatchNorm3d):
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         if mask is None:
-            mask = _state(self).voxels(x.shape[2:], _label(self))
+            mask = _state(self).voxels(x.shape[2:], _label(self), x.shape[0])
         return super().forward(x, mask)
 
 
@@ -186,12 +197,12 @@ class MaskedMaxPool3d(nn.MaxPool3d):
 
     def forward(self, x: Tensor) -> Tensor:
         state, name = _state(self), _label(self)
-        vin = state.voxels(x.shape[2:], name)
+        vin = state.voxels(x.shape[2:], name, x.shape[0])
         if vin is None and state.block_mask is None:
             return super().forward(x)
         y = super().forward(x if vin is None else torch.where(vin, x, float("-inf")))
         _check_aligned(self, x.shape[2:], y.shape[2:], _ints(self.stride), up=False)
-        vout = state.voxels(y.shape[2:], name)
+        vout = state.voxels(y.shape[2:], name, y.shape[0])
         if vin is None:
             return y if vout is None else torch.where(vout, y, 0.0)
         keep = torch.isfinite(y) if vout is None else (vout & torch.isfinite(y))
@@ -209,7 +220,7 @@ class MaskedAvgPool3d(nn.AvgPool3d):
         if state.block_mask is None:
             return y
         _check_aligned(self, x.shape[2:], y.shape[2:], _ints(self.stride), up=False)
-        return _remask(y, state.at(y.shape[2:], _label(self)))
+        return _remask(y, state.at(y.shape[2:], _label(self), y.shape[0]))
 
 
 class MaskedUpsample(nn.Upsample):
@@ -226,7 +237,7 @@ class MaskedUpsample(nn.Upsample):
                 f"{_label(self)} maps spatial size {n_in} to {n_out}: the mask follows an "
                 "upsampling only by an integer factor on every axis"
             )
-        return _remask(y, state.at(n_out, _label(self)))
+        return _remask(y, state.at(n_out, _label(self), y.shape[0]))
 
 
 _SWAPS: dict[type, type] = {

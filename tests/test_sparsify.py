@@ -158,20 +158,35 @@ def test_unconvertible_layers_warn_or_raise_by_name():
             pass
 
 
+class Twice(nn.Module):
+    """A leaf sparsify does not know (it gets the spatial-size check hook)."""
+
+    def forward(self, x):
+        return 2 * x
+
+
 def test_compiled_sparsified_model_fullgraph():
+    """Per-axis cells, a (1, 2, 2) conv (dense x mask), a transposed conv, the size-check hook of
+    an unknown leaf: all traced in one graph."""
     torch.manual_seed(0)
-    model = sparsify(
-        nn.Sequential(
-            nn.Conv3d(1, 3, 3, padding=1),
-            nn.InstanceNorm3d(3, affine=True),
-            nn.LeakyReLU(0.01),
-            nn.Conv3d(3, 2, 3, 2, 1),
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify(
+            nn.Sequential(
+                nn.Conv3d(1, 3, 3, padding=1),
+                nn.InstanceNorm3d(3, affine=True),
+                nn.LeakyReLU(0.01),
+                Twice(),
+                nn.Conv3d(3, 2, 3, (1, 2, 2), 1),
+                nn.InstanceNorm3d(2, affine=True),
+                nn.Conv3d(2, 2, 3, 2, 1),
+                nn.ConvTranspose3d(2, 2, 2, 2),
+            )
         )
-    )
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 1, 8, 8, 8)
+    x = torch.randn(2, 1, 8, 16, 16)
     for seed in (0, 1):  # a new mask each step: no recompilation needed, same results
-        m = random_block_mask(2, 2, 0.5, generator=torch.Generator().manual_seed(seed))
+        m = random_block_mask(2, (2, 4, 4), 0.5, generator=torch.Generator().manual_seed(seed))
         xm = mask_input(x, m, 4)
         with active_mask(model, m, 4):
             torch.testing.assert_close(compiled(xm), model(xm))
@@ -520,3 +535,21 @@ def test_old_depth_only_inference_would_have_been_wrong():
     assert st[1] == (4, 2, 2)
     vox = upsample_block_mask(m, (4, 2, 2))
     assert (y[~vox.expand_as(y)] == 0).all() and (y[vox.expand_as(y)] != 0).any()
+
+
+def test_active_mask_checks_block_size_and_batch():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the k = 5 conv runs dense x mask: it would broadcast
+        model = sparsify(nn.Sequential(nn.Conv3d(1, 2, 5, 1, 2), nn.InstanceNorm3d(2)))
+    m = random_block_mask(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv3d\): its input has batch size 1 but"):
+        with active_mask(model, m, 4):
+            model(x)
+    for bad in (0, 2.5, (2, 2), True, "4"):
+        with pytest.raises(ValueError, match="block_size must be"):
+            with active_mask(model, m, bad):
+                pass
+    with pytest.raises(ValueError, match="block_mask must be"):
+        with active_mask(model, m.float(), 4):
+            pass
