@@ -157,7 +157,7 @@ class _MaskedConv3d(SparseConv3d):
             m, blk = src
             # Cells that differ per axis refine to cubic cells of their gcd: the same voxel mask,
             # which the op (one block size) runs exactly when the stride divides the cell.
-            c = math.gcd(*blk)
+            c = blk[0] if blk[0] == blk[1] == blk[2] else math.gcd(*blk)
             if c % self.stride[0] == 0:
                 for axis, b in enumerate(blk):
                     if b != c:

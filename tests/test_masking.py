@@ -265,18 +265,41 @@ def test_models_draw_the_counts_of_their_published_code(ratio):
     from mae3d.models.resenc import ResEncUNet
 
     g = torch.Generator().manual_seed(0)
-    bw = BertsWin(img_size=32, patch_size=8, embed_dim=24, depth=1, num_heads=2, window_size=2,
-                  stem_base_dim=4, decoder_embed_dim=8, decoder_channels=(8, 4), mask_ratio=ratio)
+    bw = BertsWin(
+        img_size=32,
+        patch_size=8,
+        embed_dim=24,
+        depth=1,
+        num_heads=2,
+        window_size=2,
+        stem_base_dim=4,
+        decoder_embed_dim=8,
+        decoder_channels=(8, 4),
+        mask_ratio=ratio,
+    )
     assert bw.n_visible == int(64 * (1 - ratio))
     m = bw.random_masking(3, torch.device("cpu"), generator=g)
     assert m.flatten(1).sum(1).tolist() == [int(64 * (1 - ratio))] * 3
-    vit = ViTMAE3d(img_size=(8, 12, 16), patch_size=4, dim=12, depth=1, heads=2, mlp_dim=8,
-                   decoder_dim=12, decoder_depth=1, decoder_heads=2, decoder_mlp_dim=8,
-                   mask_ratio=ratio)
+    vit = ViTMAE3d(
+        img_size=(8, 12, 16),
+        patch_size=4,
+        dim=12,
+        depth=1,
+        heads=2,
+        mlp_dim=8,
+        decoder_dim=12,
+        decoder_depth=1,
+        decoder_heads=2,
+        decoder_mlp_dim=8,
+        mask_ratio=ratio,
+    )
     out = vit(torch.randn(2, 1, 8, 12, 16))
     assert out.mask.flatten(1).sum(1).tolist() == [int(24 * (1 - ratio))] * 2
-    s3d = S3D(ResEncUNet(1, 1, features=[2, 4], blocks=[1, 1], strides=[1, 2]), block_size=4,
-              mask_ratio=ratio)
+    s3d = S3D(
+        ResEncUNet(1, 1, features=[2, 4], blocks=[1, 1], strides=[1, 2]),
+        block_size=4,
+        mask_ratio=ratio,
+    )
     for size in (12, 32):
         n = (size // 4) ** 3
         m = s3d.sample_mask(torch.zeros(2, 1, size, size, size), generator=g)
