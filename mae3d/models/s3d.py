@@ -66,6 +66,7 @@ class S3D(nn.Module):
     """
 
     GRAD_CLIP_NORM = S3D_PRETRAIN.clip
+    mask_count = "nnssl"  # int(r * N) masked cells, as nnssl draws them (mae3d.masking)
 
     def __init__(self, backbone: ResEncUNet | str | dict = "L", *, in_channels: int = 1,
                  block_size: int = 16, mask_ratio: float | tuple[float, float] = 0.75,
@@ -132,12 +133,13 @@ class S3D(nn.Module):
         """A random block mask (B, gD, gH, gW) bool, True = visible, for input x."""
         grid = self._check_input(x)
         return random_block_mask(x.shape[0], grid, self.mask_ratio, generator=generator,
-                                 device=x.device)
+                                 device=x.device, count=self.mask_count)
 
     def _mask(self, x: Tensor, mask: Tensor | None) -> Tensor:
         grid = self._check_input(x)
         if mask is None:
-            return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device)
+            return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device,
+                                     count=self.mask_count)
         want = (x.shape[0], *grid)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__

@@ -296,7 +296,8 @@ def _run(cfg: PretrainConfig, info: DistInfo) -> PretrainResult:
                 x = next(batches).to(info.device, non_blocking=True)
                 x, mask = mae_inputs(x, step, cfg.seed, grid, cfg.mask_ratio,
                                      augment=cfg.augment, rank=info.rank,
-                                     world_size=info.world_size)
+                                     world_size=info.world_size,
+                                     count=getattr(model, "mask_count", "mae"))
                 snap = saver.snapshot(step) if pending == step else None
                 over = (cfg.max_minutes is not None
                         and time.perf_counter() - t_begin > 60 * cfg.max_minutes)

@@ -51,7 +51,8 @@ def reconstruct(checkpoint: str, data: str, png: str, seed: int = 0) -> str:
     x = data_module().centre_crop(vol, p)[None, None]
     c = int(model.mask_cell)
     g = torch.Generator().manual_seed(seed)
-    mask = random_block_mask(1, p // c, cfg.mask_ratio, generator=g)
+    mask = random_block_mask(1, p // c, cfg.mask_ratio, generator=g,
+                             count=getattr(model, "mask_count", "mae"))
     out = model(x, mask=mask)
     visible = upsample_block_mask(out.mask.cpu(), c, (p, p, p))[0, 0]
     title = f"{cfg.model} ({cfg.size}), step {ckpt.read_meta(d).get('step')}, " \

@@ -84,18 +84,19 @@ def augment_batch(x: Tensor, step: int, seed: int) -> Tensor:
 
 
 def mae_inputs(x: Tensor, step: int, seed: int, grid: int, mask_ratio: float, *,
-               augment: bool = True, rank: int = 0, world_size: int = 1
+               augment: bool = True, rank: int = 0, world_size: int = 1, count: str = "mae"
                ) -> tuple[Tensor, Tensor]:
     """(batch, block mask) of one MAE step on ``x``'s device: x (B, 1, p, p, p) augmented (if
     asked), mask (B, grid, grid, grid) drawn for the global batch of ``B * world_size`` samples
     and sliced like the data (global sample j belongs to rank j % world_size), so N ranks with
-    batch B see the masks one process with batch N * B sees."""
+    batch B see the masks one process with batch N * B sees. ``count``: the model's rule for
+    the number of visible cells (``mae3d.masking.COUNT_RULES``; a model's ``mask_count``)."""
     from mae3d.data import step_generator
 
     if augment:
         x = augment_batch(x, step, seed)
     mask = random_block_mask(x.shape[0] * world_size, grid, mask_ratio,
-                             generator=step_generator(seed, step))
+                             generator=step_generator(seed, step), count=count)
     return x, mask[rank::world_size].to(x.device)
 
 
