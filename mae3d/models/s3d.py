@@ -119,6 +119,9 @@ class S3D(nn.Module):
             raise ValueError(f"S3D: x must be (B, {self.in_channels}, D, H, W), got {got}")
         if not x.is_floating_point():
             raise TypeError(f"S3D: x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"S3D: x has batch size 0 (shape {tuple(x.shape)}); give at least "
+                             "one sample")
         step = max(self.block_size, self.backbone.total_stride)
         if any(s % step for s in x.shape[2:]):
             raise ValueError(f"S3D: spatial size {tuple(x.shape[2:])} must be divisible by "

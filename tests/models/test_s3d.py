@@ -303,3 +303,8 @@ def test_bad_input():
         S3D(ResEncUNet(1, 1, **TINY), coarse="all")
     with pytest.raises(ValueError, match="total_steps must be a positive int"):
         model.configure_optimizer(0)
+    empty = torch.randn(0, 1, 16, 16, 16)
+    for call in (lambda: model(empty), lambda: model(empty, torch.ones(0, 4, 4, 4, dtype=bool)),
+                 lambda: model.sample_mask(empty), lambda: model.encode(empty)):
+        with pytest.raises(ValueError, match=r"S3D: x has batch size 0 \(shape \(0, 1, 16"):
+            call()
