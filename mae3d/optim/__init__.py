@@ -9,6 +9,7 @@ from mae3d.optim.recipes import (
     Recipe,
     bertswin_recipe,
     build_recipe,
+    recipe_settings,
     warmup_cosine_lr,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "Recipe",
     "bertswin_recipe",
     "build_recipe",
+    "recipe_settings",
     "warmup_cosine_lr",
 ]

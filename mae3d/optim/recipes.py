@@ -29,6 +29,7 @@ count, the optimiser state and the conductor state, so ``load_state_dict`` resum
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterable, Mapping
 
@@ -44,6 +45,7 @@ __all__ = [
     "Recipe",
     "bertswin_recipe",
     "build_recipe",
+    "recipe_settings",
     "warmup_cosine_lr",
 ]
 
@@ -98,6 +100,7 @@ class Recipe:
     Subclasses implement ``backward(loss)`` (one micro-batch) and ``_apply()`` (the update)."""
 
     name = ""
+    published_loss = ""
 
     def __init__(
         self,
@@ -218,6 +221,7 @@ class GCondRecipe(Recipe):
     """
 
     name = "gcond"
+    published_loss = "lcs"  # the loss BertsWin was trained with under this recipe
 
     def __init__(
         self,
@@ -291,6 +295,7 @@ class AdamWRecipe(Recipe):
     arguments as ``GCondRecipe``'s plus ``weight_decay`` and ``betas``."""
 
     name = "adamw"
+    published_loss = "l2"  # the baselines' loss
 
     def __init__(
         self,
@@ -350,9 +355,35 @@ def build_recipe(name: str, model, total_steps: int, **overrides) -> Recipe:
     settings, and None values are ignored (so command-line flags pass through unchanged)."""
     if name not in _RECIPES:
         raise ValueError(f"recipe must be one of {RECIPE_NAMES}, got {name!r}")
-    return _RECIPES[name](
-        model, total_steps, **{k: v for k, v in overrides.items() if v is not None}
-    )
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    unknown = sorted(set(overrides) - set(recipe_settings(name)))
+    if unknown:
+        raise ValueError(
+            f"recipe {name!r} has no setting {unknown}; it takes {recipe_settings(name)}"
+        )
+    return _RECIPES[name](model, total_steps, **overrides)
+
+
+def recipe_settings(name: str) -> list[str]:
+    """The keyword arguments ``build_recipe(name, ...)`` accepts (for "gcond" also the
+    ``GradientConductor`` arguments the recipe does not fix)."""
+    if name not in _RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPE_NAMES}, got {name!r}")
+    cls = _RECIPES[name]
+    params = inspect.signature(cls.__init__).parameters.values()
+    out = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    if any(p.kind is p.VAR_KEYWORD for p in params):  # GCondRecipe: the conductor's other args
+        fixed = {
+            "params",
+            "loss_names",
+            "accumulation_steps",
+            "beta",
+            "lion",
+            "lion_lr",
+            "trust_clip",
+        }
+        out += [p for p in inspect.signature(GradientConductor).parameters if p not in fixed]
+    return out
 
 
 def bertswin_recipe(model, total_steps: int, **overrides) -> GCondRecipe:

@@ -19,6 +19,7 @@ from mae3d.optim import (
     GCondRecipe,
     bertswin_recipe,
     build_recipe,
+    recipe_settings,
     warmup_cosine_lr,
 )
 
@@ -222,3 +223,13 @@ def test_bad_input():
         bertswin_recipe([p], 20, accumulation_steps=2).load_state_dict(r.state_dict())
     with pytest.raises(ValueError, match="scalar tensor"):
         a.backward(torch.zeros(2))
+    # settings are checked by name (flags of a benchmark pass through build_recipe)
+    with pytest.raises(ValueError, match=r"recipe 'gcond' has no setting \['weight_decay'\]"):
+        build_recipe("gcond", [p], 10, weight_decay=0.05)
+    with pytest.raises(ValueError, match=r"recipe 'adamw' has no setting \['trust_clip'\]"):
+        build_recipe("adamw", [p], 10, trust_clip=3.0)
+    assert {"peak_lr", "accumulation_steps", "sync", "dominance_window"} <= set(
+        recipe_settings("gcond")
+    )
+    assert "lion" not in recipe_settings("gcond") and "weight_decay" in recipe_settings("adamw")
+    assert (GCondRecipe.published_loss, AdamWRecipe.published_loss) == ("lcs", "l2")
