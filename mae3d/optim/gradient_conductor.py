@@ -75,12 +75,18 @@ Defaults are the published class's. Deliberate differences from the public ``gra
 |                  | denominator              | gives cos 0 and ratio  | ~eps                      |
 |                  |                          | 1                      |                           |
 +------------------+--------------------------+------------------------+---------------------------+
+| max_iters=0      | means the default 2 *    | no conflict resolution | 0 iterations is a setting |
+|                  | #losses (0 is falsy)     |                        | one asks for on purpose;  |
+|                  |                          |                        | None gives the default    |
++------------------+--------------------------+------------------------+---------------------------+
 | raw-gradient     | return_raw_grad=True     | beta=0 with lion off   | the same p.grad           |
 | output           |                          |                        |                           |
 +------------------+--------------------------+------------------------+---------------------------+
-| logged loss/<k>  | sum of the w_k / n_k     | mean of the raw losses | readable; logging only    |
-|                  | scaled micro-batch       | over its micro-batches |                           |
-|                  | losses                   |                        |                           |
+| logged           | loss/<k>: sum of the w_k | loss/<k>: mean of the  | readable; logging only    |
+| statistics       | / n_k scaled micro-batch | raw losses over its    |                           |
+|                  | losses; raw_norm/<k>,    | micro-batches;         |                           |
+|                  | min_cosine_sim,          | norm/<k>, min_cos,     |                           |
+|                  | final_grad_norm          | update_norm            |                           |
 +------------------+--------------------------+------------------------+---------------------------+
 
 Published names: ``momentum_beta`` = ``beta``, ``use_lion`` = ``lion``, ``trust_ratio_coef`` =
