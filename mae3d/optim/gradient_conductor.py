@@ -47,7 +47,8 @@ Defaults are the published class's. Deliberate differences from the public ``gra
 +------------------+--------------------------+------------------------+---------------------------+
 | buffer dtype     | bf16 accumulators,       | fp32 (fp64 for fp64    | bf16 rounds every summed  |
 |                  | momentum and update      | parameters)            | micro-batch and the       |
-|                  |                          |                        | momentum to 8 bits        |
+|                  |                          |                        | momentum to 8 significant |
+|                  |                          |                        | bits                      |
 +------------------+--------------------------+------------------------+---------------------------+
 | stability        | the previous step's      | the previous step's    | a loss that lost the last |
 | reference of the | resolved (projected,     | raw accumulated g_k    | conflict would look       |
