@@ -72,6 +72,17 @@ Defaults are the published class's. Deliberate differences from the public ``gra
 | search           |                          |                        | would silently stop       |
 |                  |                          |                        | taking part               |
 +------------------+--------------------------+------------------------+---------------------------+
+| what counts as a | cos < weak               | cos < weak -           | a critical-zone           |
+| conflict         |                          | conflict_tol (1e-6)    | projection leaves the     |
+|                  |                          |                        | pair orthogonal up to     |
+|                  |                          |                        | rounding; the published   |
+|                  |                          |                        | rule may count that as    |
+|                  |                          |                        | another conflict and      |
+|                  |                          |                        | record a winner in the    |
+|                  |                          |                        | dominance history;        |
+|                  |                          |                        | conflict_tol=0 is         |
+|                  |                          |                        | published                 |
++------------------+--------------------------+------------------------+---------------------------+
 | eps in formulas  | added to every           | guards: a zero norm    | equal unless a norm is    |
 |                  | denominator              | gives cos 0 and ratio  | ~eps                      |
 |                  |                          | 1                      |                           |
@@ -145,7 +156,10 @@ class GradientConductor:
             micro-batches (needs steps divisible by #losses); False: every loss every micro-batch.
         mode: "smooth" (angle-modulated projection) or "zones" (legacy 4-zone rules).
         conflict_thresholds: cosines (critical, main, weak); resolution stops once the worst pair
-            has cos >= weak.
+            has cos >= weak - conflict_tol.
+        conflict_tol: cosines within this of ``weak`` count as agreement (0: the published
+            rule). A critical-zone projection leaves the pair orthogonal up to rounding (|cos|
+            ~ 1e-7 in fp32), which the published rule may count as a new conflict.
         max_iters: resolution iterations per step (default 2 * #losses; 0 disables it).
         norm_cap: scale each loss's gradient to norm <= norm_cap before resolution (>= 2 losses).
         dominance_window: after one loss wins this many conflicts in a row, the next conflict it
@@ -177,6 +191,7 @@ class GradientConductor:
         stochastic: bool = True,
         mode: str = "smooth",
         conflict_thresholds: tuple[float, float, float] = (-0.8, -0.5, 0.0),
+        conflict_tol: float = 1e-6,
         max_iters: int | None = None,
         norm_cap: float | None = None,
         dominance_window: int = 3,
@@ -219,6 +234,8 @@ class GradientConductor:
                 "conflict_thresholds must satisfy -1 <= critical <= main <= weak <= 1, got "
                 f"{conflict_thresholds!r}"
             )
+        if not 0.0 <= conflict_tol < 1.0:
+            raise ValueError(f"conflict_tol must be in [0, 1), got {conflict_tol!r}")
         if max_iters is not None:
             _check_int("max_iters", max_iters, 0)
         _check_int("dominance_window", dominance_window, 0)
@@ -247,6 +264,7 @@ class GradientConductor:
         self.stochastic = bool(stochastic)
         self.mode = mode
         self.thresholds = (crit, main, weak)
+        self.conflict_tol = float(conflict_tol)
         self.max_iters = 2 * len(names) if max_iters is None else max_iters
         self.norm_cap = None if norm_cap is None else float(norm_cap)
         self.dominance_window = dominance_window
@@ -442,8 +460,8 @@ class GradientConductor:
         return (b, a) if score[b] > score[a] else (a, b)
 
     def _resolve(self, g: dict[str, list[Tensor]]) -> dict[str, float]:
-        """Repeatedly resolves the pair with the lowest cosine, in place, until it is >= weak or
-        ``max_iters`` iterations ran. Gradients with norm < eps take no part."""
+        """Repeatedly resolves the pair with the lowest cosine, in place, until it is >= weak -
+        conflict_tol or ``max_iters`` iterations ran. Gradients with norm < eps take no part."""
         crit, main, weak = self.thresholds
         names = self.loss_names
         stats = {"proj_iters": 0.0, "min_cos": 1.0}
@@ -458,7 +476,7 @@ class GradientConductor:
                     cos = dot / math.sqrt(sq[a] * sq[b])
                     if worst is None or cos < worst[0]:
                         worst = (cos, a, b, dot)
-            if worst is None or worst[0] >= weak:
+            if worst is None or worst[0] >= weak - self.conflict_tol:
                 if it == 0 and worst is not None:
                     stats["min_cos"] = worst[0]
                 break

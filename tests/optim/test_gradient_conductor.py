@@ -191,8 +191,24 @@ def test_defaults_are_the_published_ones():
                  "eps": 1e-8}
     assert {k: sig[k].default for k in published} == published
     # the documented differences, with their published settings available
-    assert (sig["sync"].default, sig["norm_ema_init"].default, sig["stability_ref"].default) == (
-        "grads", None, "raw")
+    assert (sig["sync"].default, sig["norm_ema_init"].default, sig["stability_ref"].default,
+            sig["conflict_tol"].default) == ("grads", None, "raw", 1e-6)
+
+
+@pytest.mark.parametrize("tol, iters, history", [(1e-6, 0, []), (0.0, 4, ["a", "a", "b"])])
+def test_conflict_tolerance(tol, iters, history):
+    # cos -5e-7: rounding-sized. The published rule (tol 0) arbitrates it in every iteration
+    # (a weak conflict's smooth projection, alpha ~ 1.6e-6 here, only shrinks it) until max_iters
+    # = 4: winners a, a, a, then b (dominance window 3); the history keeps the last 3
+    p, gc = _setup(conflict_tol=tol)
+    stats = _run(gc, p, {"a": [1.0, 0.0], "b": [-5e-7, 1.0]})
+    assert stats["proj_iters"] == iters and list(gc._history) == history
+    assert stats["min_cos"] == pytest.approx(-5e-7)
+    close_ = torch.testing.assert_close
+    close_(p.grad, T([1.0 - 5e-7, 1.0]), rtol=0, atol=1e-11)  # either way ~ the plain sum
+    # after a critical-zone projection the pair is orthogonal up to rounding: one iteration
+    p, gc = _setup()
+    assert _run(gc, p, {"a": [0.3, 0.1], "b": [-0.29, -0.11]})["proj_iters"] == 1
 
 
 def test_zones_weak_symmetric_projection():
@@ -318,7 +334,8 @@ def test_bad_input():
                     (dict(max_iters=-1), "max_iters"), (dict(norm_cap=0.0), "norm_cap"),
                     (dict(dominance_window=-1), "dominance_window"),
                     (dict(stability_ref="old"), "stability_ref"),
-                    (dict(norm_ema_init=0.0), "norm_ema_init")]:
+                    (dict(norm_ema_init=0.0), "norm_ema_init"),
+                    (dict(conflict_tol=-1e-3), "conflict_tol")]:
         with pytest.raises(ValueError, match=msg):
             GradientConductor([p], ["a", "b"], **{"stochastic": False, **kw})
     with pytest.raises(ValueError, match="stochastic mode needs accumulation_steps"):
