@@ -82,12 +82,15 @@ def adaptation_plan(
     Args:
         patch_size: the pre-training crop (D, H, W) (S3D: 160^3).
         spacing: the voxel spacing in mm the volumes were resampled to (mae3d.data: 1 mm
-            isotropic by default); None = not resampled.
+            isotropic by default); None = not resampled (nnU-Net's ``-am like_pretrained`` then
+            has no spacing to adopt: use another adaptation mode).
         recommended_downstream_patchsize: the fine-tuning patch size nnU-Net's
             ``preprocess_like_nnssl`` writes into the plans (default: ``patch_size``); multiple
             of the network's total stride.
         dataset_name: recorded as the pre-training plan's dataset.
     """
+    if not isinstance(dataset_name, str) or not dataset_name:
+        raise ValueError(f"dataset_name must be a non-empty string, got {dataset_name!r}")
     backbone = model.backbone
     patch = _triple(patch_size, "patch_size")
     down = (

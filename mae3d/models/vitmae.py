@@ -159,7 +159,7 @@ class _Encoder(nn.Module):
         self.patch_embed = _PatchEmbed(in_channels, dim, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if cls_token else None
         self.register_buffer("pos_embed", sincos_pos_embed_3d(grid, dim, layout=pos_layout))
-        self._register_load_state_dict_pre_hook(_pos_table_hook, with_module=True)
+        self.register_load_state_dict_pre_hook(_pos_table_hook)
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_dim, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
 
@@ -185,7 +185,7 @@ class _Decoder(nn.Module):
         self.embed = nn.Linear(enc_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed_3d(grid, dim, layout=pos_layout))
-        self._register_load_state_dict_pre_hook(_pos_table_hook, with_module=True)
+        self.register_load_state_dict_pre_hook(_pos_table_hook)
         self.blocks = nn.ModuleList(_Block(dim, heads, mlp_dim, qkv_bias) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
