@@ -291,6 +291,9 @@ class BertsWin(nn.Module):
         if x.dim() != 5 or tuple(x.shape[1:]) != want:
             raise ValueError(f"BertsWin: x must have shape (B, {', '.join(map(str, want))}), got "
                              f"{tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"BertsWin: x has batch size 0 (shape {tuple(x.shape)}); give at "
+                             "least one sample")
 
     def _check_valid(self, valid_mask: Tensor, x: Tensor) -> Tensor:
         B = x.shape[0]

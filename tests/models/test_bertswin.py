@@ -246,3 +246,8 @@ def test_bad_input():
         m(volume(), valid_mask=torch.ones(2, 4, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="lcs_region"):
         tiny(loss="lcs_region")(volume())
+    for mask in (None, torch.ones(0, 4, 4, 4, dtype=torch.bool)):  # an empty batch
+        with pytest.raises(ValueError, match=r"BertsWin: x has batch size 0 \(shape \(0, 1, 32"):
+            m(volume(B=0), mask=mask)
+    with pytest.raises(ValueError, match="x has batch size 0"):
+        m.extract_features(volume(B=0))
