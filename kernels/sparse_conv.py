@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mae3d.reference.sparse_conv import conv_output_size, output_block_size, output_voxel_mask
+from mae3d._geometry import conv_output_size, output_block_size, output_voxel_mask
 
 _WGRAD_PROGRAMS = 1024  # enough programs to fill an H100 (132 SMs) several times over
 
