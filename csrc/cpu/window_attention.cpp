@@ -400,7 +400,8 @@ void check_rows(const at::Tensor& t, const at::Tensor& q, const char* name) {
               " must have the shape of q ", q.sizes(), ", got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == q.scalar_type(), "window_attention3d (cpu): ", name,
               " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
-  TORCH_CHECK(t.stride(5) == 1 || t.size(5) == 1,
+  // An empty tensor is contiguous whatever its strides (e.g. the expanded gradient of a sum).
+  TORCH_CHECK(t.stride(5) == 1 || t.size(5) == 1 || t.numel() == 0,
               "window_attention3d (cpu): ", name, " needs a unit stride on head_dim");
 }
 
