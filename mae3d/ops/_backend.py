@@ -236,7 +236,11 @@ def _env_value() -> str:
 
 
 def remember(ctx, table: OpBackends, device_type: str) -> None:
-    """In a custom op's ``setup_context``: note the backend the forward ran on."""
+    """In a custom op's ``setup_context``: note the backend the forward ran on. Meta tensors ran
+    no backend (the fake implementation): their backward resolves on its own."""
+    if device_type == "meta":
+        ctx.mae3d_backend = (None, None)
+        return
     ctx.mae3d_backend = (table.op, table.choose(device_type, log=False)[0])
 
 

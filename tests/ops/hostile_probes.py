@@ -528,6 +528,35 @@ for be in ("triton", "indexed", "reference"):
         "assemble_token_grid", be, grid_case(0)), shapes((0, 2, 2, 2, 4), (0, 3, 4), (4,),
                                                           (2, 2, 2, 4)), NEEDS.get(be))
 
+# Meta tensors through autograd take the fake path both ways, whatever backend is forced.
+def meta_case(op: str, fn: Callable[[], tuple]):
+    def go():
+        with use_backend("triton"):  # not runnable on meta tensors: must not be consulted
+            ins, out = fn()
+            out.backward(torch.ones_like(out))
+            return (out, *(t.grad for t in ins))
+    return go
+
+
+def meta_leaves(*ts):
+    return [t.to("meta").requires_grad_(True) for t in ts]
+
+
+good("autograd/meta/masked_norm", meta_case("masked_norm", lambda: (
+    lambda x, w: ((x, w), mae3d.ops.masked_norm(x, None, w)))(*meta_leaves(r(2, 3, 4, 4, 4),
+                                                                           r(3)))), on_meta)
+good("autograd/meta/window_attention3d", meta_case("window_attention3d", lambda: (
+    lambda q, k, v: ((q, k, v), mae3d.ops.window_attention3d(q, k, v, (2, 2, 2))))(
+        *meta_leaves(*(r(1, 4, 4, 4, 2, 8) for _ in range(3))))), on_meta)
+good("autograd/meta/sparse_conv3d", meta_case("sparse_conv3d", lambda: (
+    lambda x, w: ((x, w), mae3d.ops.sparse_conv3d(
+        x, w, None, torch.ones(2, 2, 2, 2, dtype=bool, device="meta"), 4)))(
+        *meta_leaves(r(2, 3, 8, 8, 8), r(4, 3, 3, 3, 3)))), on_meta)
+good("autograd/meta/assemble_token_grid", meta_case("assemble_token_grid", lambda: (
+    lambda vis, tok: ((vis, tok), mae3d.ops.assemble_token_grid(
+        vis, torch.ones(2, 2, 2, 2, dtype=bool, device="meta"), tok)))(
+        *meta_leaves(r(2, 3, 4), r(4)))), on_meta)
+
 
 # --------------------------------------------------------------------------------------------
 # Backend names
