@@ -106,8 +106,10 @@ class OpBackends:
 
     def __post_init__(self) -> None:
         names = self.names()
-        assert len(set(names)) == len(names) and "reference" in names, names
-        assert all(n in names for _, order in self.defaults for n in order), self.defaults
+        if len(set(names)) != len(names) or "reference" not in names or not all(
+                n in names for _, order in self.defaults for n in order):
+            raise ValueError(f"{self.op}: backend names must be unique, include 'reference' "
+                             f"and cover the defaults; got {names}, defaults {self.defaults}")
         _TABLES[self.op] = self
 
     def names(self) -> tuple[str, ...]:
