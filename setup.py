@@ -1,9 +1,9 @@
 """Builds the optional native extension ``mae3d._C``; everything else lives in pyproject.toml.
 
-C++ CPU kernels are compiled whenever a compiler is present; CUDA sources only when torch is a CUDA
-build and nvcc is found. A failed or skipped build never fails the install: the ops then use their
-Triton or reference backends (``python -m mae3d.env`` says which). ``MAE3D_SKIP_EXT=1`` skips the
-build; ``MAX_JOBS`` and ``TORCH_CUDA_ARCH_LIST`` are honoured by torch's build helpers.
+The C++ CPU kernels (csrc/) are compiled whenever a compiler is present; the GPU kernels are
+Triton, compiled at run time, so there are no CUDA sources. A failed or skipped build never fails
+the install: the ops then use their Triton or torch backends (``python -m mae3d.env`` says which).
+``MAE3D_SKIP_EXT=1`` skips the build; ``MAX_JOBS`` is honoured by torch's build helpers.
 """
 
 import glob
@@ -33,33 +33,14 @@ def _extensions():
     # -fopenmp: with torch's OpenMP backend at::parallel_for is inline and runs serially without it
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     link = ["-fopenmp"]
-    nvcc = ["-O3", "-std=c++20", "--use_fast_math"]
-    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    use_cuda = bool(cuda_sources) and ce.CUDA_HOME is not None and _torch_has_cuda()
-    if use_cuda:
-        ext = ce.CUDAExtension(
-            "mae3d._C",
-            sources + cuda_sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            define_macros=[("MAE3D_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": nvcc},
-            extra_link_args=link,
-        )
-    else:
-        ext = ce.CppExtension(
-            "mae3d._C",
-            sources,
-            include_dirs=[os.path.join(ROOT, "csrc")],
-            extra_compile_args={"cxx": cxx},
-            extra_link_args=link,
-        )
+    ext = ce.CppExtension(
+        "mae3d._C",
+        sources,
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args={"cxx": cxx},
+        extra_link_args=link,
+    )
     return [ext], {"build_ext": _tolerant_build_ext(ce.BuildExtension)}
-
-
-def _torch_has_cuda() -> bool:
-    import torch
-
-    return torch.version.cuda is not None
 
 
 def _tolerant_build_ext(base):

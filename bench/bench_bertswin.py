@@ -37,6 +37,7 @@ try:
 except ImportError:  # run as a script: python bench/bench_bertswin.py
     import harness as H
 
+from mae3d.masking import visible_count
 from mae3d.models.bertswin import BertsWin, bertswin_base
 from mae3d.ops.window_attention import backend_for
 
@@ -175,7 +176,7 @@ class _MaskOnly:
         self.grid_size = (grid, grid, grid)
         self.mask_ratio = ratio
         self.num_patches = grid**3
-        self.n_visible = self.num_patches - round(ratio * self.num_patches)
+        self.n_visible = visible_count(self.num_patches, ratio, "mae")
 
 
 def build_config(argv: list[str] | None = None):

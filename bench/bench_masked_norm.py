@@ -38,6 +38,7 @@ try:
 except ImportError:  # run as a script: python bench/bench_masked_norm.py
     import harness as H
 
+from mae3d.masking import random_voxel_mask
 from mae3d.ops import masked_norm, masked_norm_bytes
 from mae3d.ops.masked_norm import backend_for
 from mae3d.reference import masked_norm_reference
@@ -88,25 +89,6 @@ class Inputs:
     grad_out: Tensor  # fixed upstream gradient, like x
 
 
-def block_mask(
-    shape: tuple[int, ...], ratio: float = RATIO, grid: int = GRID, seed: int = 0
-) -> Tensor:
-    """(B, 1, D, H, W) bool mask, True = visible: a grid^3 block grid with exactly
-    round(ratio * grid^3) masked blocks per sample, upsampled to voxels."""
-    B, _, *spatial = shape
-    if any(s % grid for s in spatial):
-        raise ValueError(f"spatial size {spatial} must be divisible by the {grid}^3 mask grid")
-    n = grid**3
-    g = torch.Generator().manual_seed(seed)
-    m = torch.ones(B, n, dtype=torch.bool)
-    for b in range(B):
-        m[b, torch.randperm(n, generator=g)[: round(ratio * n)]] = False
-    m = m.view(B, 1, grid, grid, grid)
-    for dim, s in zip((2, 3, 4), spatial, strict=True):
-        m = m.repeat_interleave(s // grid, dim=dim)
-    return m
-
-
 def make_inputs(shape: tuple[int, ...], cfg: BenchConfig) -> Inputs:
     g = torch.Generator().manual_seed(cfg.seed)
     dev, C = cfg.device, shape[1]
@@ -114,7 +96,10 @@ def make_inputs(shape: tuple[int, ...], cfg: BenchConfig) -> Inputs:
     w = (torch.rand(C, generator=g) + 0.5).to(dev).requires_grad_()
     b = torch.randn(C, generator=g).to(dev).requires_grad_()
     gy = torch.randn(shape, generator=g).to(device=dev, dtype=cfg.dtype)
-    mask = block_mask(shape, seed=cfg.seed).to(dev)
+    # 16^3 blocks of a 160^3 patch: a GRID^3 block grid, nnssl's mask count
+    bs = tuple(s // GRID for s in shape[2:])
+    gen = torch.Generator().manual_seed(cfg.seed)
+    mask = random_voxel_mask(shape, RATIO, bs, count="nnssl", generator=gen).to(dev)
     return Inputs(x, x.detach().clone().requires_grad_(), mask, mask[:, 0], w, b, gy)
 
 

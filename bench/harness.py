@@ -21,7 +21,6 @@ timed the same way (2 * nbytes per call): achieved GB/s are reported as % of it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import ctypes
 import datetime
@@ -124,26 +123,12 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-@contextlib.contextmanager
 def sparse_conv_backend(name: str):
-    """Benchmarks: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` whatever the
-    device's default: "triton" through the public ``use_backend``; "packed" (gather active blocks
-    + halo, dense conv, scatter), which no public switch selects on CUDA, by replacing the op's
-    backend choice for the duration of the block."""
-    import mae3d.ops.sparse_conv as SC
+    """Benchmarks: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` ("triton",
+    "packed", "reference") whatever the device's default; the other ops keep their choice."""
     from mae3d.ops import use_backend
 
-    if name == "triton":
-        with use_backend("triton"):
-            yield
-        return
-
-    orig = SC.backend_for
-    SC.backend_for = lambda device_type: (name, "forced by the benchmark")
-    try:
-        yield
-    finally:
-        SC.backend_for = orig
+    return use_backend(sparse_conv3d=name)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, cfg: TimingConfig) -> Timing:

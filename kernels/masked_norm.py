@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import require, tensor_like
+
 _TILE = 4096  # elements per [BLOCK_C, BLOCK_S] tile: 16 fp32 values/thread at 8 warps
 _PROGRAMS_PER_SM = 8  # several waves' worth of programs so chunk imbalance evens out
 _MAX_CHUNK = 1 << 24  # counts are kept in fp32: stay exact by bounding voxels per chunk
@@ -209,7 +211,8 @@ def _strides_bcs(t):
     S = D * H * W
     if t.is_contiguous():
         return C * S, S, 1
-    assert t.is_contiguous(memory_format=torch.channels_last_3d), "need NCDHW or NDHWC layout"
+    require(t.is_contiguous(memory_format=torch.channels_last_3d), "masked_norm",
+            "x and grad_out need the NCDHW or NDHWC layout")
     return S * C, 1, C
 
 
@@ -265,13 +268,17 @@ def _slope(negative_slope):
     return negative_slope is not None, hi, s - hi
 
 
-def _check(x, mask, *groups):
-    assert x.dim() == 5 and x.dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-    assert mask.dtype == torch.uint8 and mask.is_contiguous()
-    assert mask.shape == (x.shape[0], math.prod(x.shape[2:])) and mask.device == x.device
+def _check(x, mask, grad_out=None, **groups):
+    require(x.dim() == 5 and x.dtype in (torch.float32, torch.float64, torch.float16,
+                                         torch.bfloat16), "masked_norm",
+            f"x must be a 5-D float tensor, got {x.dtype} {tuple(x.shape)}")
+    tensor_like("masked_norm", "mask", mask, (x.shape[0], math.prod(x.shape[2:])), torch.uint8,
+                x.device, contiguous=True)
+    if grad_out is not None:
+        tensor_like("masked_norm", "grad_out", grad_out, x.shape, x.dtype, x.device)
     acc = _acc(x)[0]
-    for t in groups:
-        assert t.shape == x.shape[:2] and t.dtype == acc and t.is_contiguous()
+    for name, t in groups.items():
+        tensor_like("masked_norm", name, t, x.shape[:2], acc, x.device, contiguous=True)
 
 
 def _launch(kernel, cfg, *args, **meta):
@@ -300,7 +307,7 @@ def masked_norm_stats(x, mask):
 
 def masked_norm_fwd(x, mask, scale, shift, negative_slope):
     """out = mask ? act(x * scale + shift) : 0, same dtype and memory format as x."""
-    _check(x, mask, scale, shift)
+    _check(x, mask, scale=scale, shift=shift)
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
@@ -315,8 +322,7 @@ def masked_norm_fwd(x, mask, scale, shift, negative_slope):
 
 def masked_norm_bwd_reduce(grad_out, x, mask, mean, rstd, scale, shift, negative_slope):
     """(sum_s dy, sum_s dy * xhat), each (B, C) in the accumulation dtype."""
-    _check(x, mask, mean, rstd, scale, shift)
-    assert grad_out.shape == x.shape and grad_out.dtype == x.dtype
+    _check(x, mask, grad_out, mean=mean, rstd=rstd, scale=scale, shift=shift)
     acc, acc_tl = _acc(x)
     if x.numel() == 0:
         return x.new_zeros(x.shape[:2], dtype=acc), x.new_zeros(x.shape[:2], dtype=acc)
@@ -335,8 +341,8 @@ def masked_norm_bwd_reduce(grad_out, x, mask, mean, rstd, scale, shift, negative
 
 def masked_norm_bwd(grad_out, x, mask, mean, rstd, scale, shift, negative_slope, coef_a, coef_b):
     """grad_x = mask ? scale * (dy - coef_a - xhat * coef_b) : 0, same dtype and layout as x."""
-    _check(x, mask, mean, rstd, scale, shift, coef_a, coef_b)
-    assert grad_out.shape == x.shape and grad_out.dtype == x.dtype
+    _check(x, mask, grad_out, mean=mean, rstd=rstd, scale=scale, shift=shift, coef_a=coef_a,
+           coef_b=coef_b)
     grad_x = torch.empty_like(x)
     if x.numel() == 0:
         return grad_x

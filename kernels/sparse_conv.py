@@ -24,7 +24,9 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from mae3d.reference.sparse_conv import conv_output_size, output_block_size, output_voxel_mask
+from mae3d._geometry import conv_output_size, output_block_size, output_voxel_mask
+
+from ._checks import require, tensor_like
 
 _WGRAD_PROGRAMS = 1024  # enough programs to fill an H100 (132 SMs) several times over
 
@@ -251,6 +253,27 @@ def _tile_list(vox, tile):
     return tiles, count, nT
 
 
+def _check(x, weight, bias, block_mask, block_size, stride, padding, grad_out=None):
+    L = "sparse_conv3d"
+    require(x.dim() == 5 and weight.dim() == 5, L, "x and weight must be 5-D")
+    k = weight.shape[2]
+    require(tuple(weight.shape[1:]) == (x.shape[1], k, k, k) and k in (1, 2, 3), L,
+            f"weight must be (Cout, Cin, k, k, k) with Cin = {x.shape[1]}, k in 1..3, got "
+            f"{tuple(weight.shape)}")
+    tensor_like(L, "weight", weight, weight.shape, x.dtype, x.device)
+    if bias is not None:
+        tensor_like(L, "bias", bias, (weight.shape[0],), x.dtype, x.device)
+    require(block_size >= 1 and stride in (1, 2) and padding in (0, k // 2), L,
+            f"need block_size >= 1, stride 1 or 2, padding 0 or k // 2; got {block_size}, "
+            f"{stride}, {padding}")
+    grid = tuple(-(-s // block_size) for s in x.shape[2:])
+    tensor_like(L, "block_mask", block_mask, (x.shape[0], *grid), block_mask.dtype, x.device)
+    if grad_out is not None:
+        out_sp = tuple(conv_output_size(s, k, stride, padding) for s in x.shape[2:])
+        tensor_like(L, "grad_out", grad_out, (x.shape[0], weight.shape[0], *out_sp), x.dtype,
+                    x.device)
+
+
 def _plan(x_shape, block_mask, block_size, stride, k, padding):
     out_sp = tuple(conv_output_size(s, k, stride, padding) for s in x_shape[2:])
     bo = output_block_size(block_size, stride)
@@ -284,6 +307,7 @@ def _block(n, lo=16, hi=64):
 
 def sparse_conv3d_fwd(x, weight, bias, block_mask, block_size, stride, padding):
     """(B, Cout, Do, Ho, Wo) like the op; memory format of x."""
+    _check(x, weight, bias, block_mask, block_size, stride, padding)
     k, cin, cout = weight.shape[2], x.shape[1], weight.shape[0]
     out_sp, bo, vox, mask = _plan(x.shape, block_mask, block_size, stride, k, padding)
     fmt = torch.channels_last_3d if (not x.is_contiguous() and x.is_contiguous(
@@ -313,6 +337,7 @@ def sparse_conv3d_bwd(grad_out, x, weight, block_mask, block_size, stride, paddi
                       needs_grad_x=True):
     """(grad_x like x or empty when not needed, grad_weight like weight, grad_bias (Cout,) or
     empty)."""
+    _check(x, weight, None, block_mask, block_size, stride, padding, grad_out)
     k, cin, cout = weight.shape[2], x.shape[1], weight.shape[0]
     out_sp, bo, vox, mask = _plan(x.shape, block_mask, block_size, stride, k, padding)
     acc, prec, upcast = _dtypes(x)

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import require, tensor_like
+
 _TILE = 4096  # BLOCK_T * BLOCK_C elements per program: 32 fp32 values / thread at 4 warps
 
 
@@ -114,14 +116,20 @@ def _guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.device.type == "cuda" else contextlib.nullcontext()
 
 
-def _check(vis, idx, tok, pos):
+def _check(vis, idx, tok, pos, N=None):
+    """vis: the visible tokens (forward) or grad_out (backward, N given); the forward reads tok
+    and pos, the backward only their shapes and dtypes."""
+    L = "assemble_token_grid"
     B, _, C = vis.shape
-    assert vis.stride(-1) == 1, "visible tokens need a unit stride on C"
-    assert idx.dtype == torch.int32 and idx.is_contiguous() and idx.shape[0] == B
-    assert tok.shape == (C,) and tok.is_contiguous()
-    assert pos is None or (pos.is_contiguous() and pos.numel() == idx.shape[1] * C)
-    for t in (idx, tok, pos):
-        assert t is None or t.device == vis.device
+    fwd = N is None
+    require(vis.stride(-1) == 1 or vis.numel() == 0, L, "visible tokens need a unit stride on C")
+    N = idx.shape[1] if fwd else N
+    tensor_like(L, "slot_index", idx, (B, N), torch.int32, vis.device, contiguous=True)
+    tensor_like(L, "mask_token", tok, (C,), tok.dtype, vis.device, contiguous=fwd)
+    if pos is not None:
+        tensor_like(L, "pos_embed", pos, pos.shape, pos.dtype, vis.device, contiguous=fwd)
+        require(pos.numel() == N * C, L, f"pos_embed must hold N * C = {N * C} values, got "
+                f"{pos.numel()}")
 
 
 def assemble_token_grid_fwd(vis, idx, tok, pos):
@@ -148,8 +156,8 @@ def assemble_token_grid_bwd(g, idx, n_vis, tok, pos):
     """(grad_vis (B, n_vis, C) in g.dtype, grad_mask_token (C,) in tok.dtype, grad_pos (N, C) in
     pos.dtype or None when pos is None) from grad_out g (B, N, C) contiguous."""
     B, N, C = g.shape
-    assert g.is_contiguous() and idx.shape == (B, N) and idx.dtype == torch.int32
-    assert tok.shape == (C,) and idx.device == g.device
+    require(g.is_contiguous(), "assemble_token_grid", "grad_out must be contiguous")
+    _check(g, idx, tok, pos, N)
     acc, acc_tl = _acc(g, tok, pos)
     g_vis = torch.zeros((B, n_vis, C), dtype=g.dtype, device=g.device)
     g_pos = None if pos is None else torch.empty((N, C), dtype=pos.dtype, device=g.device)

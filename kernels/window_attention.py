@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._checks import require, tensor_like
+
 # torchvision's additive mask between tokens of different shift regions (a constexpr: compiled
 # kernels may read only constexpr globals)
 _MASK_VALUE = tl.constexpr(-100.0)
@@ -322,6 +324,29 @@ def _same_strides(q, k, v):
     return q.contiguous(), k.contiguous(), v.contiguous()
 
 
+def _check(q, k, v, table, window, shift, bias_window, **rows):
+    """q, k, v and ``rows`` (out, grad_out) of q's shape and dtype; lse (in ``rows``) of shape
+    (B, D, H, W, heads); window arguments that keep every index in bounds; table (T, heads)."""
+    L = "window_attention3d"
+    require(q.dim() == 6, L, f"q must be (B, D, H, W, heads, head_dim), got {tuple(q.shape)}")
+    lse = rows.pop("lse", None)
+    for name, t in (("k", k), ("v", v), *rows.items()):
+        tensor_like(L, name, t, q.shape, q.dtype, q.device)
+    if lse is not None:
+        tensor_like(L, "lse", lse, q.shape[:5], _acc(q), q.device)
+    require(len(window) == len(shift) == len(bias_window) == 3, L,
+            "window, shift and bias_window need 3 entries each")
+    for a in range(3):
+        require(window[a] >= 1 and q.shape[1 + a] % window[a] == 0, L,
+                f"the grid {tuple(q.shape[1:4])} must be a multiple of window {tuple(window)}")
+        require(0 <= shift[a] < window[a] <= bias_window[a], L,
+                f"need 0 <= shift {tuple(shift)} < window {tuple(window)} <= bias_window "
+                f"{tuple(bias_window)}")
+    if table is not None:
+        rows_t = (2 * bias_window[0] - 1) * (2 * bias_window[1] - 1) * (2 * bias_window[2] - 1)
+        tensor_like(L, "table", table, (rows_t, q.shape[4]), table.dtype, q.device)
+
+
 def _guard(device):
     # Triton launches on the current CUDA device, which need not be the tensors' device.
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
@@ -333,6 +358,7 @@ def _acc(q):
 
 def window_attention3d_fwd(q, k, v, table, window, shift, bias_window, scale):
     """(out, lse): out (B, D, H, W, heads, hd) contiguous in q.dtype, lse (B, D, H, W, heads)."""
+    _check(q, k, v, table, window, shift, bias_window)
     q, k, v = _same_strides(q, k, v)
     B, nW, N, geo = _geometry(q, window, shift, bias_window)
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
@@ -353,6 +379,7 @@ def window_attention3d_bwd(grad_out, q, k, v, out, lse, table, window, shift, bi
                            scale):
     """(dq, dk, dv, dtable): contiguous, dtype of q; dtable (T, heads) in the table's dtype, or an
     empty tensor without a table."""
+    _check(q, k, v, table, window, shift, bias_window, out=out, grad_out=grad_out, lse=lse)
     q, k, v = _same_strides(q, k, v)
     grad_out, out = grad_out.contiguous(), out.contiguous()
     B, nW, N, geo = _geometry(q, window, shift, bias_window)

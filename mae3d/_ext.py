@@ -28,3 +28,8 @@ def native() -> ModuleType | None:
 def native_error() -> str | None:
     native()
     return _error
+
+
+def native_skipped() -> bool:
+    """True when the extension is not loaded because MAE3D_SKIP_EXT=1 asked for it."""
+    return native() is None and os.environ.get("MAE3D_SKIP_EXT", "0") == "1"

@@ -1,12 +1,12 @@
 """Environment report: ``python -m mae3d.env`` (also ``mae3d env``).
 
-Prints torch / CUDA / Triton versions, whether the native extension loaded (and why not), and
-which backend each op will use on each device, honouring ``MAE3D_BACKEND``.
+Prints torch / CUDA / Triton versions, whether the native extension loaded (and why not), which
+backend each op will use on each device (honouring ``MAE3D_BACKEND``), and each op's backend
+table: the names ``MAE3D_BACKEND`` and ``use_backend`` accept.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.metadata
 import importlib.util
 import os
@@ -14,18 +14,9 @@ import platform
 
 import torch
 
+import mae3d.ops  # noqa: F401  (registers the ops and their backend tables)
 from mae3d._ext import native, native_error
 from mae3d.ops import _backend
-
-OPS = {
-    name: importlib.import_module(f"mae3d.ops.{stem}").backend_for
-    for name, stem in (
-        ("masked_norm", "masked_norm"),
-        ("window_attention3d", "window_attention"),
-        ("sparse_conv3d", "sparse_conv"),
-        ("assemble_token_grid", "token_grid"),
-    )
-}
 
 
 def _version(dist: str) -> str:
@@ -55,13 +46,20 @@ def report() -> str:
         f"{'op':<20}{'device':<8}{'backend':<11}why",
     ]
     devices = ["cpu"] + (["cuda"] if cuda else [])
-    for op, chooser in OPS.items():
+    tables = _backend.tables()
+    for op, table in tables.items():
         for dev in devices:
             try:
-                name, why = chooser(dev)
+                name, why = table.choose(dev)
             except (RuntimeError, ValueError) as e:
                 name, why = "error", str(e)
             lines.append(f"{op:<20}{dev:<8}{name:<11}{why}")
+    lines += ["", "Backends per op: the names MAE3D_BACKEND and use_backend accept (plus auto),",
+              "for every op (MAE3D_BACKEND=name) or per op (MAE3D_BACKEND=op=name,op=name).",
+              f"{'op':<20}{'backend':<11}{'runs on':<34}what"]
+    for op, table in tables.items():
+        for b in table.backends:
+            lines.append(f"{op:<20}{b.name:<11}{b.where():<34}{b.about}")
     return "\n".join(lines)
 
 

@@ -7,7 +7,7 @@ forward (encoder + decoder + loss) at a given mask ratio**, counted by
 AV) and the mae3d ops, which register formulas that count the work they really do (a sparse conv
 counts its active output voxels, window attention its windows). Element-wise work (norms,
 activations, softmax, positional adds, the loss) is NOT counted. The mask is drawn with
-``mae3d.masking.random_block_mask`` (exactly round(ratio * cells) masked cells per sample), so the
+``mae3d.masking.random_block_mask`` (the model's ``mask_count`` rule, default "mae"), so the
 numbers of sparse models depend on the ratio; dense ones do not. Backward FLOPs are counted only
 with ``backward=True`` (reported separately).
 
@@ -229,7 +229,8 @@ def report(
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
     B = shape[0]
     gen = torch.Generator().manual_seed(seed)
-    mask = random_block_mask(B, grid, mask_ratio, generator=gen)
+    mask = random_block_mask(B, grid, mask_ratio, generator=gen,
+                             count=getattr(model, "mask_count", "mae"))
     if device.type == "meta":
         x = torch.empty(shape, dtype=dtype, device=device)
     else:

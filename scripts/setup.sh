@@ -22,5 +22,8 @@ pip install -q --no-build-isolation -e ".[$extras]"
 # torchvision, i.e. a CUDA torch build, and is only used to check weight compatibility in the tests;
 # MONAI (its SwinUNETR, for the fused-attention swap test) needs only torch and numpy.
 pip install -q --no-deps nilearn
-[ "${1:-}" != dev ] || pip install -q --no-deps dynamic-network-architectures einops monai
+# nnunetv2 + batchgenerators (its only import on that path): nnU-Net's real weight loader and
+# network builder for the export tests, without nnU-Net's scientific stack.
+[ "${1:-}" != dev ] || pip install -q --no-deps dynamic-network-architectures einops monai \
+  "nnunetv2>=2.8.1,<2.9" batchgenerators
 .venv/bin/python -m mae3d.env

@@ -1,5 +1,8 @@
-"""mae3d.sparsify + active_mask on a small ResEnc-style CNN equals the dense emulation (dense conv
-x mask, masked norm, re-masked pools), forward and backward; state_dict unchanged."""
+"""mae3d.sparsify + active_mask equal the dense emulation (dense layer x mask at every layer, masked
+norm, re-masked pools), forward and backward, on ResEnc-style encoders (isotropic and with nnU-Net's
+anisotropic strides), transposed-conv / upsampling decoders that go past the input size, MONAI's
+UNet and dynamic_network_architectures' ResidualEncoderUNet; geometry the mask cannot follow is
+refused with an error naming the layer; state_dict unchanged."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+import mae3d.nn.sparse_conv as sparse_conv_module
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.reference.masked_norm import masked_norm_reference
 from mae3d.sparse import active_mask, mask_input, sparsify
@@ -42,8 +46,9 @@ class Block(nn.Module):
 class TinyResEnc(nn.Module):
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv3d(1, 4, 3, 1, 1), nn.InstanceNorm3d(4, affine=True),
-                                  nn.LeakyReLU(0.01))
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, 4, 3, 1, 1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01)
+        )
         self.stage1 = Block(4, 6, 2)  # 8^3, block 2
         self.pool = nn.MaxPool3d(2)  # 4^3, block 1
         self.bn = nn.BatchNorm3d(6)
@@ -70,14 +75,16 @@ def stage_voxels(m, spatial, coarse="dense"):
 
 def emulate(model, m, coarse="dense"):
     """Forward hooks turning the dense model into SparK/S3D's emulation."""
+
     def remask(mod, inp, out):
         return torch.where(stage_voxels(m, out.shape[2:], coarse), out, 0.0)
 
     def norm(mod, inp, out):
         x = inp[0]
         mode = "batch" if isinstance(mod, nn.BatchNorm3d) else "instance"
-        return masked_norm_reference(x, stage_voxels(m, x.shape[2:], coarse), mod.weight,
-                                     mod.bias, mode=mode, eps=mod.eps)
+        return masked_norm_reference(
+            x, stage_voxels(m, x.shape[2:], coarse), mod.weight, mod.bias, mode=mode, eps=mod.eps
+        )
 
     for mod in model.modules():
         if isinstance(mod, (nn.Conv3d, nn.MaxPool3d, nn.AvgPool3d)):
@@ -151,15 +158,398 @@ def test_unconvertible_layers_warn_or_raise_by_name():
             pass
 
 
+class Twice(nn.Module):
+    """A leaf sparsify does not know (it gets the spatial-size check hook)."""
+
+    def forward(self, x):
+        return 2 * x
+
+
 def test_compiled_sparsified_model_fullgraph():
+    """Per-axis cells, a (1, 2, 2) conv (dense x mask), a transposed conv, the size-check hook of
+    an unknown leaf: all traced in one graph."""
     torch.manual_seed(0)
-    model = sparsify(nn.Sequential(nn.Conv3d(1, 3, 3, padding=1),
-                                   nn.InstanceNorm3d(3, affine=True), nn.LeakyReLU(0.01),
-                                   nn.Conv3d(3, 2, 3, 2, 1)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify(
+            nn.Sequential(
+                nn.Conv3d(1, 3, 3, padding=1),
+                nn.InstanceNorm3d(3, affine=True),
+                nn.LeakyReLU(0.01),
+                Twice(),
+                nn.Conv3d(3, 2, 3, (1, 2, 2), 1),
+                nn.InstanceNorm3d(2, affine=True),
+                nn.Conv3d(2, 2, 3, 2, 1),
+                nn.ConvTranspose3d(2, 2, 2, 2),
+            )
+        )
     compiled = torch.compile(model, fullgraph=True)
-    x = torch.randn(2, 1, 8, 8, 8)
+    x = torch.randn(2, 1, 8, 16, 16)
     for seed in (0, 1):  # a new mask each step: no recompilation needed, same results
-        m = random_block_mask(2, 2, 0.5, generator=torch.Generator().manual_seed(seed))
+        m = random_block_mask(2, (2, 4, 4), 0.5, generator=torch.Generator().manual_seed(seed))
         xm = mask_input(x, m, 4)
         with active_mask(model, m, 4):
             torch.testing.assert_close(compiled(xm), model(xm))
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-axis geometry: anisotropic strides, transposed convs, upsampling, real U-Nets
+# ------------------------------------------------------------------------------------------------
+def voxels_ref(m, spatial, coarse):
+    """Independent per-axis pyramid for the emulation, from cells and sizes only: voxel i of n
+    on an axis of g cells sits in cell floor(i * g / n); a voxel covering several cells (n < g)
+    is dense ("dense") or visible when any of them is ("any")."""
+    grid = m.shape[1:]
+    if coarse == "dense" and any(n < g for n, g in zip(spatial, grid)):
+        return torch.ones(m.shape[0], 1, *spatial, dtype=torch.bool)
+    out = m.bool()
+    for axis, (n, g) in enumerate(zip(spatial, grid)):
+        if n < g:
+            out = out.unflatten(axis + 1, (n, g // n)).any(axis + 2)
+        else:
+            out = out.index_select(axis + 1, torch.arange(n) * g // n)
+    return out[:, None]
+
+
+_REMASKED = (nn.Conv3d, nn.ConvTranspose3d, nn.MaxPool3d, nn.AvgPool3d, nn.Upsample)
+
+
+def emulate_any(model, m, coarse="dense"):
+    """Forward hooks: every conv / transposed conv / pool / upsampling output x the mask at its
+    size, every instance / batch norm over the visible voxels of its input."""
+
+    def remask(mod, inp, out):
+        return torch.where(voxels_ref(m, out.shape[2:], coarse), out, 0.0)
+
+    def norm(mod, inp, out):
+        x = inp[0]
+        mode = "batch" if isinstance(mod, nn.BatchNorm3d) else "instance"
+        return masked_norm_reference(
+            x, voxels_ref(m, x.shape[2:], coarse), mod.weight, mod.bias, mode=mode, eps=mod.eps
+        )
+
+    for mod in model.modules():
+        if isinstance(mod, _REMASKED):
+            mod.register_forward_hook(remask)
+        elif isinstance(mod, (nn.InstanceNorm3d, nn.BatchNorm3d)):
+            mod.register_forward_hook(norm)
+    return model
+
+
+def _outputs(y):
+    return list(y) if isinstance(y, (list, tuple)) else [y]
+
+
+def check_against_emulation(dense, m, block, spatial, coarse="dense", channels=1):
+    """sparsify(copy of dense) under the mask == emulate_any(copy of dense), fwd + parameter
+    grads (float64); returns the number of convs the sparse op ran."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparse = sparsify(copy.deepcopy(dense))
+    assert list(sparse.state_dict()) == list(dense.state_dict())
+    emul = emulate_any(copy.deepcopy(dense), m, coarse)
+    x = torch.randn(
+        m.shape[0],
+        channels,
+        *spatial,
+        dtype=torch.float64,
+        generator=torch.Generator().manual_seed(4),
+    )
+    x = mask_input(x, m, block)
+    calls = []
+    real_op = sparse_conv_module.sparse_conv3d
+
+    def spy(*args, **kw):
+        calls.append(args[4])  # block size the op ran with
+        return real_op(*args, **kw)
+
+    sparse_conv_module.sparse_conv3d = spy
+    try:
+        with active_mask(sparse, m, block, coarse=coarse):
+            got = _outputs(sparse(x))
+    finally:
+        sparse_conv_module.sparse_conv3d = real_op
+    ref = _outputs(emul(x))
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape
+        torch.testing.assert_close(g, r)
+    gys = [
+        torch.randn(r.shape, dtype=r.dtype, generator=torch.Generator().manual_seed(i))
+        for i, r in enumerate(ref)
+    ]
+    gs = torch.autograd.grad(
+        sum((g * gy).sum() for g, gy in zip(got, gys)), list(sparse.parameters()), allow_unused=True
+    )
+    gr = torch.autograd.grad(
+        sum((r * gy).sum() for r, gy in zip(ref, gys)), list(emul.parameters()), allow_unused=True
+    )
+    used = 0
+    for (name, _), a, b in zip(sparse.named_parameters(), gs, gr):
+        assert (a is None) == (b is None), name
+        if a is not None:  # (unused: e.g. deep-supervision heads when it is off)
+            used += 1
+            torch.testing.assert_close(a, b, msg=name)
+    assert used > len(gs) // 2
+    return calls
+
+
+class AnisoBlock(Block):
+    """BasicBlockD with a per-axis stride: conv1 and the skip's AvgPool use it (nnU-Net)."""
+
+    def __init__(self, cin, cout, stride):
+        super().__init__(cin, cout, 1)
+        if stride != (1, 1, 1):
+            self.conv1 = nn.Conv3d(cin, cout, 3, stride, 1)
+            self.skip = nn.Sequential(nn.AvgPool3d(stride, stride), *self.skip)
+
+
+class AnisoResEnc(nn.Module):
+    """ResEnc-style encoder with nnU-Net's plan for anisotropic data: strides 1, (1, 2, 2),
+    (2, 2, 2), (1, 2, 2); returns every stage's output."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv3d(1, 4, 3, 1, 1), nn.InstanceNorm3d(4, affine=True), nn.LeakyReLU(0.01)
+        )
+        self.stages = nn.ModuleList(
+            [AnisoBlock(4, 6, (1, 2, 2)), AnisoBlock(6, 5, (2, 2, 2)), AnisoBlock(5, 3, (1, 2, 2))]
+        )
+
+    def forward(self, x):
+        out = [self.stem(x)]
+        for s in self.stages:
+            out.append(s(out[-1]))
+        return out
+
+
+@pytest.mark.parametrize("coarse", ["dense", "any"])
+def test_anisotropic_strides_equal_dense_emulation(coarse):
+    """Input (8, 16, 16), grid (2, 4, 4) of 4^3 cells: cells of (4, 2, 2), (2, 1, 1) voxels after
+    the (1, 2, 2) and (2, 2, 2) stages, then H and W coarser than the grid. The depth axis alone
+    (the old inference) would give every stage the wrong cells."""
+    torch.manual_seed(0)
+    dense = AnisoResEnc().double()
+    m = random_block_mask(2, (2, 4, 4), 0.6, generator=torch.Generator().manual_seed(1))
+    calls = check_against_emulation(dense, m, 4, (8, 16, 16), coarse)
+    # The stride-(1, 2, 2) convs run dense x mask; the others run the sparse op, the
+    # (4, 2, 2)-voxel cells refined to cubic 2-voxel cells, the (2, 1, 1) ones to 1-voxel cells.
+    assert 4 in calls and 2 in calls and 1 in calls
+
+
+def test_anisotropic_input_cells():
+    """A block size per axis at the input ((2, 4, 4)-voxel cells, e.g. thick slices)."""
+    torch.manual_seed(0)
+    dense = AnisoResEnc().double()
+    m = random_block_mask(1, (4, 4, 4), 0.5, generator=torch.Generator().manual_seed(2))
+    calls = check_against_emulation(dense, m, (2, 4, 4), (8, 16, 16))
+    assert calls and min(calls) >= 1
+
+
+class UpDecoder(nn.Module):
+    """Encoder-decoder whose decoder goes past the input size: transposed convs (k = s = 2, and
+    k 3 / s 2 / output_padding 1), a (1, 2, 2) transposed conv, a trilinear Upsample, then a
+    conv at twice the input size (a super-resolution head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Sequential(
+            nn.Conv3d(1, 4, 3, 2, 1),
+            nn.InstanceNorm3d(4, affine=True),
+            nn.LeakyReLU(0.01),
+            nn.Conv3d(4, 6, 3, 2, 1),
+        )
+        self.up1 = nn.ConvTranspose3d(6, 5, 2, 2)
+        self.norm = nn.BatchNorm3d(5)
+        self.up2 = nn.ConvTranspose3d(5, 4, 3, 2, 1, output_padding=1)
+        self.up3 = nn.ConvTranspose3d(4, 3, (1, 2, 2), (1, 2, 2))
+        self.up4 = nn.Upsample(scale_factor=(2, 1, 1), mode="trilinear")
+        self.head = nn.Conv3d(3, 2, 3, 1, 1)
+
+    def forward(self, x):
+        y = self.up2(self.norm(self.up1(self.down(x))))
+        return y, self.head(self.up4(self.up3(y)))
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_transposed_conv_decoder_past_the_input_size(ratio):
+    torch.manual_seed(0)
+    dense = UpDecoder().double()
+    m = random_block_mask(2, (2, 2, 2), ratio, generator=torch.Generator().manual_seed(3))
+    out = dense(torch.zeros(1, 1, 8, 8, 8, dtype=torch.float64))[1]
+    assert out.shape[2:] == (16, 16, 16)  # twice the input: cells of 8 voxels
+    calls = check_against_emulation(dense, m, 4, (8, 8, 8))
+    assert 8 in calls  # the head runs sparse on 8-voxel cells
+
+
+def test_monai_unet_equals_dense_emulation():
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(0)
+    dense = monai_nets.UNet(
+        spatial_dims=3,
+        in_channels=1,
+        out_channels=2,
+        channels=(4, 6, 8),
+        strides=((1, 2, 2), 2),
+        num_res_units=1,
+    ).double()
+    m = random_block_mask(2, (2, 4, 4), 0.6, generator=torch.Generator().manual_seed(5))
+    calls = check_against_emulation(dense, m, 4, (8, 16, 16))
+    assert calls
+
+
+def test_dynamic_network_architectures_residual_encoder_unet():
+    dna = pytest.importorskip("dynamic_network_architectures.architectures.unet")
+    torch.manual_seed(0)
+    dense = dna.ResidualEncoderUNet(
+        input_channels=1,
+        n_stages=4,
+        features_per_stage=[4, 6, 8, 8],
+        conv_op=nn.Conv3d,
+        kernel_sizes=3,
+        strides=[1, (1, 2, 2), 2, 2],
+        n_blocks_per_stage=[1, 1, 2, 1],
+        num_classes=2,
+        n_conv_per_stage_decoder=1,
+        conv_bias=True,
+        norm_op=nn.InstanceNorm3d,
+        norm_op_kwargs={"eps": 1e-5, "affine": True},
+        nonlin=nn.LeakyReLU,
+        nonlin_kwargs={"inplace": True},
+    ).double()
+    m = random_block_mask(2, (2, 4, 4), 0.75, generator=torch.Generator().manual_seed(6))
+    for coarse in ("dense", "any"):
+        calls = check_against_emulation(dense, m, 4, (8, 16, 16), coarse)
+        assert calls
+
+
+# ------------------------------------------------------------------------------------------------
+# Refusals: where the mask cannot follow, an error naming the layer
+# ------------------------------------------------------------------------------------------------
+class Crop(nn.Module):
+    def forward(self, x):
+        return x[:, :, 2:-2, 2:-2, 2:-2]
+
+
+def _refused(model, match, spatial=(16, 16, 16), block=4, coarse="dense"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sparsify(model)
+    grid = tuple(-(-s // block) for s in spatial)
+    m = random_block_mask(1, grid, 0.5, generator=torch.Generator().manual_seed(0))
+    x = mask_input(torch.randn(1, 1, *spatial), m, block)
+    with pytest.raises(ValueError, match=match):
+        with active_mask(model, m, block, coarse=coarse):
+            model(x)
+    model(x)  # outside active_mask the model is its dense self
+
+
+@pytest.mark.parametrize(
+    ("model", "match"),
+    [
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), nn.Conv3d(2, 2, 3)),  # valid padding: 16 -> 14
+            r"layer '1' \(Conv3d\) maps spatial size \(16, 16, 16\) to \(14, 14, 14\)",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 2, 0)),  # stride 2 without padding: off by one voxel
+            r"layer '0' \(Conv3d\) maps .* to \(7, 7, 7\).*ceil",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 2, 1, 1)),  # k = 2 with padding 1: one extra slice
+            r"layer '0' \(Conv3d\) maps .* to \(17, 17, 17\)",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 2, 1), nn.ConvTranspose3d(2, 2, 3, 2, 1)),  # 8 -> 15
+            r"layer '1' \(ConvTranspose3d\) maps .* to \(15, 15, 15\)",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), nn.Upsample(scale_factor=1.5)),
+            r"layer '1' \(Upsample\) maps .* integer factor",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), nn.MaxPool3d(3, 2)),  # 16 -> 7
+            r"layer '1' \(MaxPool3d\) maps",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), Crop(), nn.Conv3d(2, 2, 3, 1, 1)),
+            r"layer '1' \(Crop\) changes the spatial size \(16, 16, 16\) -> \(12, 12, 12\)",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), nn.ConstantPad3d(4, 0.0)),
+            r"layer '1' \(ConstantPad3d\) changes the spatial size",
+        ),
+        (
+            nn.Sequential(nn.Conv3d(1, 2, 3, 1, 1), nn.AdaptiveAvgPool3d(5)),
+            r"layer '1' \(AdaptiveAvgPool3d\) changes the spatial size",
+        ),
+        (
+            nn.Sequential(
+                nn.Conv3d(1, 2, 3, 1, 1),
+                nn.Upsample(scale_factor=3),  # 48: 12-voxel cells
+                *[nn.Conv3d(2, 2, 3, 2, 1) for _ in range(3)],
+            ),  # 24, 12, then 6 over 4 cells
+            r"layer '4' \(Conv3d\).*cells would not be whole voxels",
+        ),
+    ],
+)
+def test_refuses_geometry_it_cannot_follow(model, match):
+    _refused(model, match)
+
+
+def test_refuses_odd_cells_under_a_stride_and_coarse_any_off_grid():
+    _refused(
+        nn.Sequential(nn.Conv3d(1, 2, 3, 2, 1), nn.InstanceNorm3d(2)),
+        r"layer '0' \(Conv3d\).*whole voxels",
+        spatial=(12, 12, 12),
+        block=3,
+    )
+    # 80 = 5 cells of 16: after 5 stride-2 convs 3 voxels over 5 cells: "any" cannot pool that
+    enc = nn.Sequential(
+        *[nn.Conv3d(1 if i == 0 else 2, 2, 3, 2, 1) for i in range(5)], nn.InstanceNorm3d(2)
+    )
+    _refused(
+        enc, r"layer '4' \(Conv3d\).*divide the grid", spatial=(80, 80, 80), block=16, coarse="any"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        enc2 = sparsify(copy.deepcopy(enc))
+    m = random_block_mask(1, 5, 0.5, generator=torch.Generator().manual_seed(0))
+    with active_mask(enc2, m, 16):  # "dense": the 3^3 map is dense, nothing to follow
+        y = enc2(mask_input(torch.randn(1, 1, 80, 80, 80), m, 16))
+    assert y.shape[2:] == (3, 3, 3) and (y != 0).all()
+
+
+def test_old_depth_only_inference_would_have_been_wrong():
+    """With a (1, 2, 2) stride the depth axis says 'input resolution' while H and W are halved:
+    the norm after it must see the (4, 2, 2) cells, i.e. differ from the 4^3-cell reading."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = sparsify(nn.Sequential(nn.Conv3d(1, 2, 3, (1, 2, 2), 1)))
+    m = random_block_mask(1, 4, 0.5, generator=torch.Generator().manual_seed(1))
+    with active_mask(model, m, 4) as state:
+        y = model(mask_input(torch.randn(1, 1, 16, 16, 16), m, 4))
+        st = state.at(y.shape[2:])
+    assert st[1] == (4, 2, 2)
+    vox = upsample_block_mask(m, (4, 2, 2))
+    assert (y[~vox.expand_as(y)] == 0).all() and (y[vox.expand_as(y)] != 0).any()
+
+
+def test_active_mask_checks_block_size_and_batch():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the k = 5 conv runs dense x mask: it would broadcast
+        model = sparsify(nn.Sequential(nn.Conv3d(1, 2, 5, 1, 2), nn.InstanceNorm3d(2)))
+    m = random_block_mask(2, 4, 0.5, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with pytest.raises(ValueError, match=r"layer '0' \(Conv3d\): its input has batch size 1 but"):
+        with active_mask(model, m, 4):
+            model(x)
+    for bad in (0, 2.5, (2, 2), True, "4"):
+        with pytest.raises(ValueError, match="block_size must be"):
+            with active_mask(model, m, bad):
+                pass
+    with pytest.raises(ValueError, match="block_mask must be"):
+        with active_mask(model, m.float(), 4):
+            pass

@@ -132,8 +132,13 @@ struct Geometry {
 };
 
 Geometry check_inputs(const at::Tensor& x, const at::Tensor& mask) {
-  TORCH_CHECK(x.device().is_cpu() && mask.device().is_cpu(), "masked_norm (cpu): CPU tensors only");
+  TORCH_CHECK(x.device().is_cpu(), "masked_norm (cpu): x must be a CPU tensor, got ", x.device());
+  TORCH_CHECK(mask.device().is_cpu(), "masked_norm (cpu): mask must be a CPU tensor, got ",
+              mask.device());
   TORCH_CHECK(x.dim() == 5, "masked_norm (cpu): x must be (B, C, D, H, W), got ", x.sizes());
+  const auto dt = x.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kHalf || dt == at::kBFloat16,
+              "masked_norm (cpu): x must be float32/float64/float16/bfloat16, got ", dt);
   Geometry g{x.size(0), x.size(1), x.size(2) * x.size(3) * x.size(4), false, 0, 0, 0, 0, 0};
   // C == 1 or S == 1 makes both predicates true; NCDHW indexing is then the right one.
   if (!x.is_contiguous()) {
@@ -141,7 +146,7 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& mask) {
     TORCH_CHECK(g.channels_last, "masked_norm (cpu): x must be contiguous or channels_last_3d");
   }
   TORCH_CHECK(mask.scalar_type() == at::kByte || mask.scalar_type() == at::kBool,
-              "masked_norm (cpu): mask must be uint8, got ", mask.scalar_type());
+              "masked_norm (cpu): mask must be uint8 or bool, got ", mask.scalar_type());
   TORCH_CHECK(mask.dim() == 2 && mask.size(0) == g.B && mask.size(1) == g.S && mask.is_contiguous(),
               "masked_norm (cpu): mask must be a contiguous (B, D*H*W) = (", g.B, ", ", g.S,
               ") tensor, got ", mask.sizes());
@@ -162,9 +167,14 @@ Geometry check_inputs(const at::Tensor& x, const at::Tensor& mask) {
 void check_grad(const at::Tensor& grad_out, const at::Tensor& x, const Geometry& g) {
   const auto fmt =
       g.channels_last ? at::MemoryFormat::ChannelsLast3d : at::MemoryFormat::Contiguous;
-  TORCH_CHECK(grad_out.device().is_cpu() && grad_out.scalar_type() == x.scalar_type() &&
-                  grad_out.sizes() == x.sizes() && grad_out.is_contiguous(fmt),
-              "masked_norm (cpu): grad_out must match x in device, dtype, shape and layout");
+  TORCH_CHECK(grad_out.device().is_cpu(), "masked_norm (cpu): grad_out must be a CPU tensor, got ",
+              grad_out.device());
+  TORCH_CHECK(grad_out.sizes() == x.sizes(), "masked_norm (cpu): grad_out must have the shape of x ",
+              x.sizes(), ", got ", grad_out.sizes());
+  TORCH_CHECK(grad_out.scalar_type() == x.scalar_type(), "masked_norm (cpu): grad_out must be ",
+              x.scalar_type(), " like x, got ", grad_out.scalar_type());
+  TORCH_CHECK(grad_out.is_contiguous(fmt),
+              "masked_norm (cpu): grad_out must have the memory format of x (", fmt, ")");
 }
 
 template <typename A>

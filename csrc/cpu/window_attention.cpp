@@ -352,24 +352,84 @@ void bwd_kernel(const Geometry& g, const at::Tensor& dout, const at::Tensor& q,
   });
 }
 
-void check_args(const at::Tensor& q, const std::vector<int64_t>& window,
-                const std::vector<int64_t>& shift, const std::vector<int64_t>& bias_window) {
-  TORCH_CHECK(q.dim() == 6, "window_attention3d: q must be (B, D, H, W, heads, head_dim)");
-  TORCH_CHECK(window.size() == 3 && shift.size() == 3 && bias_window.size() == 3,
-              "window_attention3d: window, shift and bias_window need 3 entries");
+bool is_float_type(at::ScalarType s) {
+  return s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16;
+}
+
+// Checks q and the window arguments; returns the bias table's row count T. Everything the
+// kernels index is bounded by what is checked here and in check_rows / check_table / check_lse.
+int64_t check_args(const at::Tensor& q, const std::vector<int64_t>& window,
+                   const std::vector<int64_t>& shift, const std::vector<int64_t>& bias_window) {
+  TORCH_CHECK(q.device().is_cpu(), "window_attention3d (cpu): q must be a CPU tensor, got ",
+              q.device());
+  TORCH_CHECK(q.dim() == 6, "window_attention3d (cpu): q must be (B, D, H, W, heads, head_dim), "
+              "got ", q.sizes());
+  TORCH_CHECK(is_float_type(q.scalar_type()),
+              "window_attention3d (cpu): q must be float32/float64/float16/bfloat16, got ",
+              q.scalar_type());
+  TORCH_CHECK(window.size() == 3, "window_attention3d (cpu): window needs 3 entries, got ",
+              window.size());
+  TORCH_CHECK(shift.size() == 3, "window_attention3d (cpu): shift needs 3 entries, got ",
+              shift.size());
+  TORCH_CHECK(bias_window.size() == 3,
+              "window_attention3d (cpu): bias_window needs 3 entries, got ", bias_window.size());
+  int64_t rows = 1;
   for (int a = 0; a < 3; ++a) {
-    TORCH_CHECK(window[a] >= 1 && q.size(1 + a) % window[a] == 0,
-                "window_attention3d: the grid must be a multiple of the window");
-    TORCH_CHECK(shift[a] >= 0 && shift[a] < window[a], "window_attention3d: bad shift");
-    TORCH_CHECK(bias_window[a] >= window[a], "window_attention3d: bias_window < window");
+    const int64_t n = q.size(1 + a);
+    TORCH_CHECK(window[a] >= 1 && n % std::max<int64_t>(1, window[a]) == 0,
+                "window_attention3d (cpu): the grid ", q.sizes().slice(1, 3),
+                " must be a multiple of window ", at::IntArrayRef(window));
+    TORCH_CHECK(shift[a] >= 0 && shift[a] < window[a], "window_attention3d (cpu): shift ",
+                at::IntArrayRef(shift), " must be in [0, window ", at::IntArrayRef(window), ")");
+    TORCH_CHECK(bias_window[a] >= window[a] && bias_window[a] <= (1 << 20),
+                "window_attention3d (cpu): bias_window ", at::IntArrayRef(bias_window),
+                " must be >= window ", at::IntArrayRef(window), " (and <= 2^20)");
+    rows *= 2 * bias_window[a] - 1;
   }
+  // Table rows are addressed with int32 (the (N, N) index of a window).
+  TORCH_CHECK(rows <= std::numeric_limits<int32_t>::max(),
+              "window_attention3d (cpu): bias_window ", at::IntArrayRef(bias_window),
+              " gives more table rows than int32 can address");
+  return rows;
 }
 
 void check_rows(const at::Tensor& t, const at::Tensor& q, const char* name) {
-  TORCH_CHECK(t.sizes() == q.sizes() && t.scalar_type() == q.scalar_type(),
-              "window_attention3d: ", name, " must match q in shape and dtype");
-  TORCH_CHECK(t.stride(5) == 1 || t.size(5) == 1,
-              "window_attention3d: ", name, " needs a unit stride on head_dim");
+  TORCH_CHECK(t.device().is_cpu(), "window_attention3d (cpu): ", name,
+              " must be a CPU tensor, got ", t.device());
+  TORCH_CHECK(t.sizes() == q.sizes(), "window_attention3d (cpu): ", name,
+              " must have the shape of q ", q.sizes(), ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == q.scalar_type(), "window_attention3d (cpu): ", name,
+              " must have the dtype of q (", q.scalar_type(), "), got ", t.scalar_type());
+  // An empty tensor is contiguous whatever its strides (e.g. the expanded gradient of a sum).
+  TORCH_CHECK(t.stride(5) == 1 || t.size(5) == 1 || t.numel() == 0,
+              "window_attention3d (cpu): ", name, " needs a unit stride on head_dim");
+}
+
+// The table as the kernels read it: (T, heads) contiguous in the accumulation dtype.
+at::Tensor check_table(const std::optional<at::Tensor>& table, const at::Tensor& q, int64_t T,
+                       at::ScalarType acc) {
+  if (!table.has_value() || !table->defined()) return at::Tensor();
+  const at::Tensor& t = *table;
+  TORCH_CHECK(t.device().is_cpu(), "window_attention3d (cpu): table must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(is_float_type(t.scalar_type()),
+              "window_attention3d (cpu): table must be a floating-point tensor, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == T && t.size(1) == q.size(4),
+              "window_attention3d (cpu): table must be (T, heads) = (", T, ", ", q.size(4),
+              ") for bias_window, got ", t.sizes());
+  return t.to(acc).contiguous();
+}
+
+void check_lse(const at::Tensor& lse, const at::Tensor& q, at::ScalarType acc) {
+  TORCH_CHECK(lse.device().is_cpu(), "window_attention3d (cpu): lse must be a CPU tensor, got ",
+              lse.device());
+  TORCH_CHECK(lse.dim() == 5 && lse.sizes() == q.sizes().slice(0, 5),
+              "window_attention3d (cpu): lse must be (B, D, H, W, heads) = ",
+              q.sizes().slice(0, 5), ", got ", lse.sizes());
+  TORCH_CHECK(lse.scalar_type() == acc, "window_attention3d (cpu): lse must be ", acc, ", got ",
+              lse.scalar_type());
+  TORCH_CHECK(lse.is_contiguous(), "window_attention3d (cpu): lse must be contiguous");
 }
 
 at::ScalarType acc_type(at::ScalarType s) {
@@ -382,21 +442,16 @@ std::tuple<at::Tensor, at::Tensor> window_attention3d_fwd_cpu(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
     const std::optional<at::Tensor>& table, std::vector<int64_t> window,
     std::vector<int64_t> shift, std::vector<int64_t> bias_window, double scale) {
-  check_args(q, window, shift, bias_window);
+  const int64_t rows = check_args(q, window, shift, bias_window);
   check_rows(q, q, "q");
   check_rows(k, q, "k");
   check_rows(v, q, "v");
   const auto acc = acc_type(q.scalar_type());
-  at::Tensor tab;
-  if (table.has_value() && table->defined()) tab = table->to(acc).contiguous();
-  const Geometry g(q, window, shift, bias_window, tab.defined());
-  if (tab.defined()) {
-    TORCH_CHECK(tab.dim() == 2 && tab.size(0) == g.T && tab.size(1) == g.nh,
-                "window_attention3d: table must be (T, heads)");
-  }
+  const at::Tensor tab = check_table(table, q, rows, acc);
   at::Tensor out = at::empty(q.sizes(), q.options());
-  at::Tensor lse = at::empty({g.B, g.D, g.H, g.W, g.nh}, q.options().dtype(acc));
+  at::Tensor lse = at::empty(q.sizes().slice(0, 5), q.options().dtype(acc));
   if (q.numel() == 0) return {out, lse};
+  const Geometry g(q, window, shift, bias_window, tab.defined());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "wa3d_fwd", [&] {
     fwd_kernel<scalar_t>(g, q, k, v, tab, out, lse, scale);
   });
@@ -408,46 +463,46 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> window_attention3d_bw
     const at::Tensor& out, const at::Tensor& lse, const std::optional<at::Tensor>& table,
     std::vector<int64_t> window, std::vector<int64_t> shift, std::vector<int64_t> bias_window,
     double scale) {
-  check_args(q, window, shift, bias_window);
+  const int64_t rows = check_args(q, window, shift, bias_window);
+  check_rows(q, q, "q");
   check_rows(k, q, "k");
   check_rows(v, q, "v");
   check_rows(grad_out, q, "grad_out");
   check_rows(out, q, "out");
   const auto acc = acc_type(q.scalar_type());
-  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == acc && lse.dim() == 5,
-              "window_attention3d: lse must be (B, D, H, W, heads) contiguous");
-  at::Tensor tab;
-  if (table.has_value() && table->defined()) tab = table->to(acc).contiguous();
-  const Geometry g(q, window, shift, bias_window, tab.defined());
+  check_lse(lse, q, acc);
+  const at::Tensor tab = check_table(table, q, rows, acc);
   at::Tensor dq = at::empty(q.sizes(), q.options());
   at::Tensor dk = at::empty(q.sizes(), q.options());
   at::Tensor dv = at::empty(q.sizes(), q.options());
+  if (q.numel() == 0) {
+    // Nothing to attend to: zero gradients (the table's too), without building the geometry.
+    at::Tensor dt = tab.defined() ? at::zeros_like(*table) : at::empty({0}, q.options());
+    return {dq.zero_(), dk.zero_(), dv.zero_(), dt};
+  }
+  const Geometry g(q, window, shift, bias_window, tab.defined());
   at::Tensor partial, dtable;
   const int64_t parts = g.B * ((g.nW + unit_windows(g) - 1) / unit_windows(g));
   if (tab.defined()) partial = at::empty({g.nh, parts, g.T}, q.options().dtype(acc));
-  if (q.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "wa3d_bwd", [&] {
-      bwd_kernel<scalar_t>(g, grad_out, q, k, v, out, lse, tab, dq, dk, dv, partial, scale);
-    });
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "wa3d_bwd", [&] {
+    bwd_kernel<scalar_t>(g, grad_out, q, k, v, out, lse, tab, dq, dk, dv, partial, scale);
+  });
   if (!tab.defined()) return {dq, dk, dv, at::empty({0}, q.options())};
   // Fixed-order sum of the per-unit partials: (heads, parts, T) -> (T, heads).
   at::Tensor red = at::zeros({g.T, g.nh}, q.options().dtype(acc));
-  if (q.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES(acc, "wa3d_table", [&] {
-      const scalar_t* pp = partial.data_ptr<scalar_t>();
-      scalar_t* rp = red.data_ptr<scalar_t>();
-      const int64_t T = g.T, nh = g.nh;
-      at::parallel_for(0, nh * T, 4096, [&](int64_t begin, int64_t end) {
-        for (int64_t e = begin; e < end; ++e) {
-          const int64_t h = e / T, r = e % T;
-          scalar_t acc_v = 0;
-          for (int64_t m = 0; m < parts; ++m) acc_v += pp[(h * parts + m) * T + r];
-          rp[r * nh + h] = acc_v;
-        }
-      });
+  AT_DISPATCH_FLOATING_TYPES(acc, "wa3d_table", [&] {
+    const scalar_t* pp = partial.data_ptr<scalar_t>();
+    scalar_t* rp = red.data_ptr<scalar_t>();
+    const int64_t T = g.T, nh = g.nh;
+    at::parallel_for(0, nh * T, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t e = begin; e < end; ++e) {
+        const int64_t h = e / T, r = e % T;
+        scalar_t acc_v = 0;
+        for (int64_t m = 0; m < parts; ++m) acc_v += pp[(h * parts + m) * T + r];
+        rp[r * nh + h] = acc_v;
+      }
     });
-  }
+  });
   dtable = red.to(table->scalar_type());
   return {dq, dk, dv, dtable};
 }

@@ -9,7 +9,7 @@ _LAZY = {
     "ResEncUNet": "mae3d.models.resenc",
     "resenc_preset": "mae3d.models.resenc",
     "S3D": "mae3d.models.s3d",
-    "load_pretrained_encoder": "mae3d.models.s3d",
+    "load_pretrained_encoder": "mae3d.models.s3d_export",
     "BertsWin": "mae3d.models.bertswin",
     "bertswin_base": "mae3d.models.bertswin",
     "ViTMAE3d": "mae3d.models.vitmae",

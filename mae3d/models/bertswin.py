@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mae3d.masking import random_block_mask
+from mae3d.masking import random_block_mask, visible_count
 from mae3d.models.base import MAEOutput
 from mae3d.models.losses import LCS_WEIGHTS, LOSSES, REGION_WEIGHTS, mae_loss
 from mae3d.nn.window_attention import ShiftedWindowAttention3d, eager_window_attention
@@ -122,7 +122,7 @@ class BertsWin(nn.Module):
             then 3 transposed convs (kernel = stride, see ``decoder_strides``) through
             decoder_channels with GroupNorm(8) / GroupNorm(4) + GELU, linear output.
         mask_ratio: fraction of patches masked; every sample keeps exactly
-            N - round(mask_ratio * N) visible patches (fewer under FOV-aware masking when it has
+            int(N * (1 - mask_ratio)) visible patches (fewer under FOV-aware masking when it has
             fewer valid patches).
         loss: "l2" | "lcs" | "lcs_region" (``mae3d.models.losses``); lcs_subpatch default P / 2.
         ops: "fused" (mae3d ops: fused grid assembly and window attention) or "eager" (the
@@ -179,7 +179,7 @@ class BertsWin(nn.Module):
         self.mask_ratio, self.loss, self.ops = float(mask_ratio), loss, ops
         self.lcs_subpatch = sub
         self.lcs_weights, self.region_weights = tuple(lcs_weights), tuple(region_weights)
-        self.n_visible = self.num_patches - round(self.mask_ratio * self.num_patches)
+        self.n_visible = visible_count(self.num_patches, self.mask_ratio, "mae")
 
         layers: list[nn.Module] = []
         cin, c = in_chans, stem_base_dim
@@ -291,6 +291,9 @@ class BertsWin(nn.Module):
         if x.dim() != 5 or tuple(x.shape[1:]) != want:
             raise ValueError(f"BertsWin: x must have shape (B, {', '.join(map(str, want))}), got "
                              f"{tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"BertsWin: x has batch size 0 (shape {tuple(x.shape)}); give at "
+                             "least one sample")
 
     def _check_valid(self, valid_mask: Tensor, x: Tensor) -> Tensor:
         B = x.shape[0]

@@ -9,12 +9,12 @@ dense and its 1x1 head reconstructs the input; loss = MSE over masked voxels (fp
 
 Not copied from the public emulation (its defects, notes section 2): the input is masked before
 the first conv; norms gather nothing (per-sample visible counts may differ, so per-sample ratios
-work, and nothing syncs with the host); exports carry their architecture plan; He init.
+work, and nothing syncs with the host); exports carry nnssl's adaptation plan under the key its
+fine-tuning loader reads, with the whole network nnU-Net's loader needs; He init.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -25,14 +25,13 @@ from torch import Tensor, nn
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.models.base import MAEOutput
 from mae3d.models.resenc import ConvNormAct, ResEncUNet
+from mae3d.models.s3d_export import adaptation_plan, export_pretrained, load_pretrained_encoder
 from mae3d.nn.norm import MaskedInstanceNorm3d
 from mae3d.optim.recipes import S3D_PRETRAIN, build_optimizer, build_scheduler
 from mae3d.sparse import active_mask, mask_input, sparsify
 
 __all__ = ["S3D", "load_pretrained_encoder"]
 
-_FORMAT = "mae3d-s3d-encoder/1"
-STEM_KEYS = ("encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.all_modules.0.weight")
 
 
 def _check_ratio(r) -> float | tuple[float, float]:
@@ -66,6 +65,7 @@ class S3D(nn.Module):
     """
 
     GRAD_CLIP_NORM = S3D_PRETRAIN.clip
+    mask_count = "nnssl"  # int(r * N) masked cells, as nnssl draws them (mae3d.masking)
 
     def __init__(self, backbone: ResEncUNet | str | dict = "L", *, in_channels: int = 1,
                  block_size: int = 16, mask_ratio: float | tuple[float, float] = 0.75,
@@ -121,6 +121,9 @@ class S3D(nn.Module):
             raise ValueError(f"S3D: x must be (B, {self.in_channels}, D, H, W), got {got}")
         if not x.is_floating_point():
             raise TypeError(f"S3D: x must be a floating-point tensor, got {x.dtype}")
+        if x.shape[0] == 0:
+            raise ValueError(f"S3D: x has batch size 0 (shape {tuple(x.shape)}); give at least "
+                             "one sample")
         step = max(self.block_size, self.backbone.total_stride)
         if any(s % step for s in x.shape[2:]):
             raise ValueError(f"S3D: spatial size {tuple(x.shape[2:])} must be divisible by "
@@ -132,12 +135,13 @@ class S3D(nn.Module):
         """A random block mask (B, gD, gH, gW) bool, True = visible, for input x."""
         grid = self._check_input(x)
         return random_block_mask(x.shape[0], grid, self.mask_ratio, generator=generator,
-                                 device=x.device)
+                                 device=x.device, count=self.mask_count)
 
     def _mask(self, x: Tensor, mask: Tensor | None) -> Tensor:
         grid = self._check_input(x)
         if mask is None:
-            return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device)
+            return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device,
+                                     count=self.mask_count)
         want = (x.shape[0], *grid)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -206,88 +210,17 @@ class S3D(nn.Module):
         opt = build_optimizer(self.parameters(), recipe)
         return opt, build_scheduler(opt, recipe, total_steps)
 
-    def adaptation_plan(self) -> dict:
-        """What a fine-tuning loader needs: nnU-Net's architecture entry, the encoder / stem /
-        input-projection key names and the pre-training settings."""
-        ratio = self.mask_ratio
-        return {
-            "format": _FORMAT,
-            "architecture": self.backbone.architecture_plan(),
-            "in_channels": self.in_channels,
-            "key_to_encoder": "encoder.stages",
-            "key_to_stem": "encoder.stem",
-            "keys_to_in_proj": ["encoder.stem.convs.0.conv", "encoder.stem.convs.0.all_modules.0"],
-            "pretrain": {"method": "S3D", "block_size": self.block_size,
-                         "efficient": self.efficient,
-                         "mask_ratio": list(ratio) if isinstance(ratio, tuple) else ratio,
-                         "coarse": self.coarse},
-        }
+    def adaptation_plan(self, **plan_kw) -> dict:
+        """nnssl's adaptation plan for this model (``mae3d.models.s3d_export.adaptation_plan``:
+        patch_size, spacing, recommended_downstream_patchsize, dataset_name)."""
+        return adaptation_plan(self, **plan_kw)
 
-    def export_encoder(self, path: str | Path) -> tuple[Path, Path]:
-        """Write the dense encoder (stem + stages; nnU-Net key names ``encoder.*``, fp32) and its
-        adaptation plan to ``path`` (torch.save dict with keys "network_weights" and
-        "adaptation_plan"), and the plan alone as JSON beside it (``path`` with suffix .json).
+    def export_encoder(self, path: str | Path, **plan_kw) -> tuple[Path, Path]:
+        """Write the network for fine-tuning with nnU-Net v2 / nnssl / ``load_pretrained_encoder``
+        (``mae3d.models.s3d_export.export_pretrained``): the whole ResEnc U-Net in nnU-Net's key
+        names under "network_weights" (what ``nnUNetv2_train -pretrained_weights`` needs) and
+        nnssl's plan under "nnssl_adaptation_plan" (what ``nnUNetv2_preprocess_like_nnssl`` and
+        the PretrainedTrainer read), plus the plan as JSON beside it (``path`` with suffix .json).
+        ``plan_kw``: patch_size (default 160), spacing (default 1.0 mm), ...
         Returns (checkpoint path, JSON path)."""
-        path = Path(path)
-        sd = {f"encoder.{k}": v.detach().float().cpu().clone()
-              for k, v in self.backbone.encoder.state_dict().items()}
-        plan = self.adaptation_plan()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"network_weights": sd, "adaptation_plan": plan}, path)
-        js = path.with_suffix(".json") if path.suffix != ".json" else path.with_suffix(".plan.json")
-        js.write_text(json.dumps(plan, indent=2))
-        return path, js
-
-
-def _arch_summary(plan: dict | None) -> str:
-    if not plan:
-        return "no adaptation plan"
-    kw = plan.get("architecture", {}).get("arch_kwargs", {})
-    return (f"features {kw.get('features_per_stage')}, blocks {kw.get('n_blocks_per_stage')}, "
-            f"strides {[s[0] for s in kw.get('strides', [])]}, in_channels "
-            f"{plan.get('in_channels')}")
-
-
-def load_pretrained_encoder(unet: nn.Module, path: str | Path) -> list[str]:
-    """Load an ``S3D.export_encoder`` checkpoint into the encoder of ``unet`` (a ``ResEncUNet``
-    or dynamic_network_architectures' ``ResidualEncoderUNet`` of the same architecture) for
-    fine-tuning. A single-channel stem is replicated over the input channels of a multi-channel
-    ``unet`` (S3D's fine-tuning recipe). The decoder is left as it is.
-
-    Returns the loaded state_dict keys; raises ValueError naming the keys when the architecture
-    differs."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "network_weights" not in ckpt:
-        raise ValueError(f"load_pretrained_encoder: {path} is not an S3D encoder export (no "
-                         "'network_weights' entry)")
-    weights, plan = ckpt["network_weights"], ckpt.get("adaptation_plan")
-    target = unet.state_dict()
-    enc_keys = [k for k in target if k.startswith("encoder.")]
-    if not enc_keys:
-        raise ValueError(f"load_pretrained_encoder: {type(unet).__name__} has no 'encoder.*' "
-                         "parameters (expected a ResEnc U-Net)")
-    missing = [k for k in enc_keys if k not in weights]
-    extra = [k for k in weights if k not in target]
-    if missing or extra:
-        raise ValueError(
-            f"load_pretrained_encoder: architecture mismatch: the checkpoint "
-            f"({_arch_summary(plan)}) lacks {len(missing)} encoder keys of the network "
-            f"(e.g. {missing[:3]}) and has "
-            f"{len(extra)} the network lacks (e.g. {extra[:3]})")
-    new = {}
-    for k in enc_keys:
-        w = weights[k]
-        if k in STEM_KEYS and w.shape[1] == 1 and target[k].shape[1] > 1 and \
-                w.shape[0] == target[k].shape[0]:
-            w = w.repeat(1, target[k].shape[1], 1, 1, 1)  # one copy of the stem per modality
-        if w.shape != target[k].shape:
-            raise ValueError(f"load_pretrained_encoder: architecture mismatch at {k}: checkpoint "
-                             f"{tuple(w.shape)} vs network {tuple(target[k].shape)} "
-                             f"({_arch_summary(plan)})")
-        new[k] = w
-        if "decoder." + k in target:  # the decoder's reference to the encoder
-            new["decoder." + k] = w
-    result = unet.load_state_dict(new, strict=False)
-    if result.unexpected_keys:
-        raise ValueError(f"load_pretrained_encoder: unexpected keys {result.unexpected_keys[:3]}")
-    return list(new)
+        return export_pretrained(self, path, **plan_kw)

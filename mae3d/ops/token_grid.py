@@ -12,10 +12,10 @@ The raster rank of every cell is a device-side cumulative sum of the mask (B x N
 no stage syncs with the host and every shape is static, so the op works under
 torch.compile(fullgraph=True) and CUDA graphs.
 
-Backends (``backend_for``): ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1); ``indexed``
+Backends (``BACKENDS``): ``triton`` (CUDA, or CPU under TRITON_INTERPRET=1); ``indexed``
 (torch gather / scatter, any device: the CPU kernel, and the CUDA fallback without Triton);
-``reference`` (the per-sample spec). ``MAE3D_BACKEND=cpp`` selects ``indexed`` on CPU (this op has
-no C++ kernel: it is pure data movement, which torch indexing already does at memory speed).
+``reference`` (the per-sample spec). This op has no C++ kernel (it is pure data movement, which
+torch indexing already does at memory speed), so ``cpp`` is not one of its names.
 The mask-token gradient is summed from per-program partials in a fixed order: deterministic.
 """
 
@@ -27,136 +27,27 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from mae3d.ops import _backend
+from mae3d._geometry import slot_index
+from mae3d.ops import _checks
+from mae3d.ops._backend import Backend, OpBackends, as_in_forward, impl, remember
 from mae3d.ops._flops import register_flop_formula
-from mae3d.reference.token_grid import (
-    acc_dtype,
-    assemble_token_grid_reference,
-    assemble_token_grid_reference_backward,
-    slot_index,
+
+_TRITON, _TORCH = "mae3d.kernels.token_grid", "mae3d.ops._torch_backends.token_grid"
+BACKENDS = OpBackends(
+    "assemble_token_grid",
+    (Backend("triton", impl(_TRITON, fwd="assemble_token_grid_fwd"),
+             impl(_TRITON, bwd="assemble_token_grid_bwd"),
+             devices=("cuda", "cpu"), needs="triton", about="Triton kernels"),
+     Backend("indexed", impl(_TORCH, fwd="indexed_fwd"), impl(_TORCH, bwd="indexed_bwd"),
+             about="torch gather/scatter"),
+     Backend("reference", impl(_TORCH, fwd="reference_fwd"), impl(_TORCH, bwd="reference_bwd"),
+             about="torch: the per-sample spec")),
+    defaults=(("cuda", ("triton", "indexed")), ("*", ("indexed",))),
+    notes=(("cpu", "default: torch gather/scatter"),),
 )
-
-_OP = "assemble_token_grid"
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+backend_for = BACKENDS.choose
 
 
-# --------------------------------------------------------------------------------------------
-# Input checks (functional API and the op's real and fake implementations)
-# --------------------------------------------------------------------------------------------
-def _check(visible_tokens, visible_mask, mask_token, pos_embed) -> None:
-    name = "assemble_token_grid"
-    if not isinstance(visible_tokens, Tensor):
-        raise TypeError(f"{name}: visible_tokens must be a Tensor, got "
-                        f"{type(visible_tokens).__name__}")
-    if visible_tokens.dim() != 3:
-        raise ValueError(f"{name}: visible_tokens must be 3-D (B, n_vis, C), got shape "
-                         f"{tuple(visible_tokens.shape)}")
-    if visible_tokens.dtype not in _DTYPES:
-        raise TypeError(f"{name}: visible_tokens must be float32/float16/bfloat16/float64, got "
-                        f"{visible_tokens.dtype}")
-    B, _, C = visible_tokens.shape
-    if C < 1:
-        raise ValueError(f"{name}: visible_tokens must have C >= 1 channels, got {C}")
-    if not isinstance(visible_mask, Tensor):
-        raise TypeError(f"{name}: visible_mask must be a Tensor, got "
-                        f"{type(visible_mask).__name__}")
-    if visible_mask.dtype not in (torch.bool, torch.uint8):
-        raise TypeError(f"{name}: visible_mask must be bool or uint8, got {visible_mask.dtype}")
-    if visible_mask.dim() != 4 or visible_mask.shape[0] != B:
-        raise ValueError(f"{name}: visible_mask must be (B, gD, gH, gW) with B = {B} (the batch "
-                         f"of visible_tokens), got shape {tuple(visible_mask.shape)}")
-    grid = tuple(visible_mask.shape[1:])
-    if not isinstance(mask_token, Tensor):
-        raise TypeError(f"{name}: mask_token must be a Tensor, got {type(mask_token).__name__}")
-    if tuple(mask_token.shape) != (C,):
-        raise ValueError(f"{name}: mask_token must have shape (C,) = ({C},), got "
-                         f"{tuple(mask_token.shape)}")
-    if pos_embed is not None:
-        if not isinstance(pos_embed, Tensor):
-            raise TypeError(f"{name}: pos_embed must be a Tensor or None, got "
-                            f"{type(pos_embed).__name__}")
-        if tuple(pos_embed.shape) != (*grid, C):
-            raise ValueError(f"{name}: pos_embed must have shape (gD, gH, gW, C) = "
-                             f"{(*grid, C)}, got {tuple(pos_embed.shape)}")
-    for arg, t in (("visible_mask", visible_mask), ("mask_token", mask_token),
-                   ("pos_embed", pos_embed)):
-        if t is None:
-            continue
-        if arg != "visible_mask" and t.dtype not in _DTYPES:
-            raise TypeError(f"{name}: {arg} must be float32/float16/bfloat16/float64, got "
-                            f"{t.dtype}")
-        if t.device != visible_tokens.device:
-            raise ValueError(f"{name}: {arg} is on {t.device} but visible_tokens is on "
-                             f"{visible_tokens.device}")
-
-
-# --------------------------------------------------------------------------------------------
-# Backends: fwd(vis, idx, tok, pos) -> out (B, N, C); bwd(g (B, N, C), idx, n_vis, tok, pos)
-# -> (g_vis, g_tok, g_pos or None). idx is the (B, N) int32 slot index (-1 = mask token).
-# --------------------------------------------------------------------------------------------
-def _indexed_fwd(vis, idx, tok, pos):
-    B, n_vis, C = vis.shape
-    acc = acc_dtype(vis, tok, pos)
-    take = (idx >= 0)[..., None]
-    if n_vis:
-        src = idx.clamp_min(0).long()[..., None].expand(B, idx.shape[1], C)
-        y = torch.where(take, vis.gather(1, src).to(acc), tok.to(acc))
-    else:
-        y = tok.to(acc).expand(B, idx.shape[1], C)
-    if pos is not None:
-        y = y + pos.reshape(-1, C).to(acc)
-    return y.to(vis.dtype).contiguous()  # never a view of mask_token (n_vis = 0, no pos)
-
-
-def _indexed_bwd(g, idx, n_vis, tok, pos):
-    B, N, C = g.shape
-    acc = acc_dtype(g, tok, pos)
-    take = idx >= 0
-    # Masked cells scatter into a spare row n_vis that is dropped afterwards.
-    dst = torch.where(take, idx, n_vis).long()[..., None].expand(B, N, C)
-    g_vis = g.new_zeros(B, n_vis + 1, C).scatter_(1, dst, g)[:, :n_vis]
-    g_tok = torch.where(take[..., None], 0.0, g.to(acc)).sum(dim=(0, 1)).to(tok.dtype)
-    g_pos = None if pos is None else g.to(acc).sum(0).to(pos.dtype)
-    return g_vis.contiguous(), g_tok, g_pos
-
-
-def _ref_fwd(vis, idx, tok, pos):
-    # The reference takes a (B, gD, gH, gW) mask; a flat (B, 1, 1, N) view has the same raster
-    # order, and cells past the n_vis-th True one are already -1 in idx.
-    B, N = idx.shape
-    C = vis.shape[-1]
-    mask = (idx >= 0).view(B, 1, 1, N)
-    p = None if pos is None else pos.reshape(1, 1, N, C)
-    return assemble_token_grid_reference(vis, mask, tok, p).view(B, N, C)
-
-
-def _ref_bwd(g, idx, n_vis, tok, pos):
-    B, N, C = g.shape
-    mask = (idx >= 0).view(B, 1, 1, N)
-    g_vis, g_tok, g_pos = assemble_token_grid_reference_backward(
-        g.view(B, 1, 1, N, C), mask, n_vis, tok, None if pos is None else pos.reshape(1, 1, N, C))
-    return g_vis, g_tok, (None if g_pos is None else g_pos.reshape(N, C))
-
-
-def backend_for(device_type: str) -> tuple[str, str]:
-    """(backend, reason) that ``assemble_token_grid`` uses for tensors on ``device_type`` now."""
-    return _backend.choose_triton_or_torch(_OP, device_type, "indexed", "torch gather/scatter")
-
-
-def _impl(device_type: str):
-    name, _ = backend_for(device_type)
-    if name == "triton":
-        from mae3d.kernels import token_grid as K
-
-        return K.assemble_token_grid_fwd, K.assemble_token_grid_bwd
-    if name == "indexed":
-        return _indexed_fwd, _indexed_bwd
-    return _ref_fwd, _ref_bwd
-
-
-# --------------------------------------------------------------------------------------------
-# The registered ops
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("mae3d::assemble_token_grid", mutates_args=())
 def _assemble_token_grid_op(
     visible_tokens: Tensor,
@@ -166,10 +57,10 @@ def _assemble_token_grid_op(
 ) -> tuple[Tensor, Tensor]:
     """Returns (grid, slot_index): grid (B, gD, gH, gW, C) contiguous in visible_tokens.dtype;
     slot_index (B, N) int32, the visible token each cell took or -1 (saved for the backward)."""
-    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    _checks.assemble_token_grid(visible_tokens, visible_mask, mask_token, pos_embed)
     B, n_vis, C = visible_tokens.shape
     idx = slot_index(visible_mask, n_vis)
-    fwd, _ = _impl(visible_tokens.device.type)
+    fwd = BACKENDS.forward(visible_tokens.device.type).fwd
     vis = visible_tokens if visible_tokens.stride(-1) == 1 else visible_tokens.contiguous()
     pos = None if pos_embed is None else pos_embed.contiguous()
     out = fwd(vis, idx, mask_token.contiguous(), pos)
@@ -178,7 +69,7 @@ def _assemble_token_grid_op(
 
 @_assemble_token_grid_op.register_fake
 def _(visible_tokens, visible_mask, mask_token, pos_embed):
-    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    _checks.assemble_token_grid(visible_tokens, visible_mask, mask_token, pos_embed)
     B, _, C = visible_tokens.shape
     grid = tuple(visible_mask.shape[1:])
     out = visible_tokens.new_empty((B, *grid, C))
@@ -196,9 +87,11 @@ def _assemble_token_grid_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (grad_visible_tokens (B, n_vis, C), grad_mask_token (C,), grad_pos_embed
     (gD, gH, gW, C), or empty when ``pos_embed`` is None: its gradient is not wanted)."""
+    _checks.assemble_token_grid_backward(grad_out, slot_index, n_vis, mask_token, pos_embed)
+    _checks.slot_index_values(slot_index, n_vis)
     B, C = grad_out.shape[0], grad_out.shape[-1]
-    _, bwd = _impl(grad_out.device.type)
-    g = grad_out.contiguous().view(B, -1, C)
+    bwd = BACKENDS.backward(grad_out.device.type).bwd
+    g = grad_out.contiguous().view(B, slot_index.shape[1], C)
     g_vis, g_tok, g_pos = bwd(g, slot_index.contiguous(), int(n_vis), mask_token, pos_embed)
     g_pos = grad_out.new_empty(0) if g_pos is None else g_pos.reshape(pos_embed.shape)
     return g_vis, g_tok, g_pos
@@ -206,6 +99,7 @@ def _assemble_token_grid_backward_op(
 
 @_assemble_token_grid_backward_op.register_fake
 def _(grad_out, slot_index, n_vis, mask_token, pos_embed):
+    _checks.assemble_token_grid_backward(grad_out, slot_index, n_vis, mask_token, pos_embed)
     B, C = grad_out.shape[0], grad_out.shape[-1]
     g_pos = grad_out.new_empty(0) if pos_embed is None else torch.empty_like(
         pos_embed, memory_format=torch.contiguous_format)
@@ -220,13 +114,13 @@ def _setup_context(ctx, inputs, output):
     # Only the dtype and shape of mask_token / pos_embed are read by the backward.
     ctx.save_for_backward(idx, mask_token, pos_embed)
     ctx.mark_non_differentiable(idx)
-    _backend.remember(ctx)
+    remember(ctx, BACKENDS, visible_tokens.device.type)
 
 
 def _backward(ctx, grad_out, _grad_idx):
     idx, mask_token, pos_embed = ctx.saved_tensors
     want_pos = ctx.has_pos and ctx.needs_input_grad[3]
-    with _backend.as_in_forward(ctx):
+    with as_in_forward(ctx):
         g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
             grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
     return g_vis, None, g_tok, (g_pos if want_pos else None)
@@ -285,7 +179,7 @@ def _canonical(visible_tokens, visible_mask, mask_token, pos_embed):
     -> (gD, gH, gW, C). Views only (differentiable, no copy)."""
     if not (isinstance(visible_tokens, Tensor) and isinstance(visible_mask, Tensor)
             and visible_tokens.dim() == 3 and visible_mask.dim() == 4):
-        return mask_token, pos_embed  # _check explains what is wrong
+        return mask_token, pos_embed  # the checks explain what is wrong
     C = visible_tokens.shape[-1]
     grid = tuple(visible_mask.shape[1:])
     if isinstance(mask_token, Tensor) and mask_token.dim() > 1 and mask_token.shape[-1] == C \
@@ -324,7 +218,7 @@ def assemble_token_grid(
         an input is float64) and rounded once.
     """
     mask_token, pos_embed = _canonical(visible_tokens, visible_mask, mask_token, pos_embed)
-    _check(visible_tokens, visible_mask, mask_token, pos_embed)
+    _checks.assemble_token_grid(visible_tokens, visible_mask, mask_token, pos_embed)
     out, _ = torch.ops.mae3d.assemble_token_grid(visible_tokens, visible_mask, mask_token,
                                                  pos_embed)
     return out

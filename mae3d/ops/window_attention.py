@@ -19,144 +19,30 @@ summed in a fixed order, no float atomics).
 
 import math
 from collections.abc import Sequence
-from types import SimpleNamespace
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mae3d.ops import _backend
+from mae3d.ops import _checks
+from mae3d.ops._backend import Backend, OpBackends, as_in_forward, impl, remember
 from mae3d.ops._flops import register_flop_formula
-from mae3d.reference.window_attention import (
-    table_rows,
-    window_attention3d_reference_backward,
-    window_attention3d_reference_lse,
+
+_TRITON, _TORCH = "mae3d.kernels.window_attention", "mae3d.ops._torch_backends.window_attention"
+BACKENDS = OpBackends(
+    "window_attention3d",
+    (Backend("triton", impl(_TRITON, fwd="window_attention3d_fwd"),
+             impl(_TRITON, bwd="window_attention3d_bwd"),
+             devices=("cuda", "cpu"), needs="triton", about="Triton kernels"),
+     Backend("cpp", impl("mae3d._C", fwd="window_attention3d_fwd_cpu"),
+             impl("mae3d._C", bwd="window_attention3d_bwd_cpu"),
+             devices=("cpu",), needs="native", about="C++ kernels (mae3d._C)"),
+     Backend("reference", impl(_TORCH, fwd="fwd"), impl(_TORCH, bwd="bwd"),
+             about="plain PyTorch")),
+    defaults=(("cuda", ("triton",)), ("cpu", ("cpp",))),
 )
-
-_OP = "window_attention3d"
-_SUPPORTED = ("triton", "cpp")
-_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-# --------------------------------------------------------------------------------------------
-# Input checks (functional API and the op's real and fake implementations)
-# --------------------------------------------------------------------------------------------
-def _triple(name: str, value, low: int) -> list[int]:
-    try:
-        vals = [int(x) for x in value]
-    except TypeError:
-        raise TypeError(f"window_attention3d: {name} must be 3 ints, got {value!r}") from None
-    if len(vals) != 3 or any(int(x) != x for x in value):
-        raise ValueError(f"window_attention3d: {name} must be 3 ints, got {value!r}")
-    if any(x < low for x in vals):
-        raise ValueError(f"window_attention3d: {name} entries must be >= {low}, got {value!r}")
-    return vals
-
-
-def _check(q, k, v, table, window_size, shift_size, bias_window_size, scale,
-           divisible: bool) -> tuple[list[int], list[int], list[int]]:
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"window_attention3d: {name} must be a Tensor, got {type(t).__name__}")
-    if q.dim() != 6:
-        raise ValueError("window_attention3d: q must be 6-D (B, D, H, W, heads, head_dim), got "
-                         f"shape {tuple(q.shape)}")
-    if q.dtype not in _DTYPES:
-        raise TypeError(f"window_attention3d: q must be float32/float16/bfloat16/float64, got "
-                        f"{q.dtype}")
-    for name, t in (("k", k), ("v", v)):
-        if t.dim() == 6 and t.shape[-1] != q.shape[-1]:
-            raise ValueError(f"window_attention3d: head_dim of {name} ({t.shape[-1]}) differs "
-                             f"from head_dim of q ({q.shape[-1]})")
-        if t.shape != q.shape:
-            raise ValueError(f"window_attention3d: {name} must have the shape of q "
-                             f"{tuple(q.shape)} (B, D, H, W, heads, head_dim), got "
-                             f"{tuple(t.shape)}")
-        if t.dtype != q.dtype:
-            raise TypeError(f"window_attention3d: {name} is {t.dtype} but q is {q.dtype}")
-        if t.device != q.device:
-            raise ValueError(f"window_attention3d: {name} is on {t.device} but q is on "
-                             f"{q.device}")
-    ws = _triple("window_size", window_size, 1)
-    ss = _triple("shift_size", shift_size, 0)
-    bw = ws if bias_window_size is None else _triple("bias_window_size", bias_window_size, 1)
-    for a in range(3):
-        if ss[a] >= ws[a]:
-            raise ValueError(f"window_attention3d: shift_size {tuple(ss)} must be < window_size "
-                             f"{tuple(ws)} on every axis")
-        if bw[a] < ws[a]:
-            raise ValueError(f"window_attention3d: bias_window_size {tuple(bw)} must be >= "
-                             f"window_size {tuple(ws)} on every axis")
-        if divisible and q.shape[1 + a] % ws[a] != 0:
-            raise ValueError(f"window_attention3d: the grid of q {tuple(q.shape[1:4])} must be a "
-                             f"multiple of window_size {tuple(ws)} (the functional API pads)")
-    if table is not None:
-        if not isinstance(table, Tensor):
-            raise TypeError("window_attention3d: rel_pos_bias_table must be a Tensor or None, "
-                            f"got {type(table).__name__}")
-        rows = table_rows(bw)
-        if tuple(table.shape) != (rows, q.shape[4]):
-            raise ValueError(f"window_attention3d: rel_pos_bias_table must have shape "
-                             f"((2Wd-1)(2Wh-1)(2Ww-1), heads) = ({rows}, {q.shape[4]}) for window "
-                             f"{tuple(bw)}, got {tuple(table.shape)}")
-        if table.dtype not in (q.dtype, torch.float32):
-            raise TypeError(f"window_attention3d: rel_pos_bias_table must be {q.dtype} (the dtype "
-                            f"of q) or float32, got {table.dtype}")
-        if table.device != q.device:
-            raise ValueError(f"window_attention3d: rel_pos_bias_table is on {table.device} but q "
-                             f"is on {q.device}")
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"window_attention3d: scale must be a finite number or None, got "
-                         f"{scale!r}")
-    return ws, ss, bw
-
-
-# --------------------------------------------------------------------------------------------
-# Backends: fwd(q, k, v, table, ws, ss, bw, scale) -> (out, lse);
-# bwd(grad_out, q, k, v, out, lse, table, ws, ss, bw, scale) -> (dq, dk, dv, dtable or empty).
-# --------------------------------------------------------------------------------------------
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _ref_fwd(q, k, v, table, ws, ss, bw, scale):
-    acc = _acc_dtype(q.dtype)
-    tab = None if table is None else table.to(acc)
-    out, lse = window_attention3d_reference_lse(q.to(acc), k.to(acc), v.to(acc), ws, ss, tab,
-                                                scale, bias_window_size=bw)
-    return out.to(q.dtype), lse
-
-
-def _ref_bwd(grad_out, q, k, v, out, lse, table, ws, ss, bw, scale):
-    # Autograd does not run inside a custom op's implementation: closed-form gradients.
-    acc = _acc_dtype(q.dtype)
-    tab = None if table is None else table.to(acc)
-    dq, dk, dv, dt = window_attention3d_reference_backward(
-        grad_out.to(acc), q.to(acc), k.to(acc), v.to(acc), ws, ss, tab, scale,
-        bias_window_size=bw)
-    dt = dt.to(table.dtype) if table is not None else q.new_empty(0)
-    return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype), dt
-
-
-_REFERENCE = SimpleNamespace(fwd=_ref_fwd, bwd=_ref_bwd)
-
-
-def _kernels(device_type: str) -> SimpleNamespace:
-    name, _ = _backend.choose(_OP, device_type, _SUPPORTED)
-    if name == "cpp":
-        C = _backend.native()
-        return SimpleNamespace(fwd=C.window_attention3d_fwd_cpu, bwd=C.window_attention3d_bwd_cpu)
-    if name == "triton":
-        from mae3d.kernels import window_attention as K
-
-        return SimpleNamespace(fwd=K.window_attention3d_fwd, bwd=K.window_attention3d_bwd)
-    return _REFERENCE
-
-
-def backend_for(device_type: str) -> tuple[str, str]:
-    """(backend, reason) that ``window_attention3d`` uses for tensors on ``device_type`` now."""
-    return _backend.choose(_OP, device_type, _SUPPORTED)
+backend_for = BACKENDS.choose
 
 
 def _rows(t: Tensor) -> Tensor:
@@ -164,9 +50,6 @@ def _rows(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
 
 
-# --------------------------------------------------------------------------------------------
-# The registered ops
-# --------------------------------------------------------------------------------------------
 @torch.library.custom_op("mae3d::window_attention3d", mutates_args=())
 def _window_attention3d_op(
     q: Tensor,
@@ -181,16 +64,18 @@ def _window_attention3d_op(
     """Returns (out, lse): out (B, D, H, W, heads, head_dim) contiguous in q.dtype; lse
     (B, D, H, W, heads), the log-sum-exp of each query row's logits, float32 (float64 for
     float64 input). The grid must be a multiple of the window."""
-    ws, ss, bw = _check(q, k, v, table, window_size, shift_size, bias_window_size, scale, True)
-    K = _kernels(q.device.type)
+    ws, ss, bw = _checks.window_attention3d(q, k, v, table, window_size, shift_size,
+                                            bias_window_size, scale, True)
+    K = BACKENDS.forward(q.device.type)
     return K.fwd(_rows(q), _rows(k), _rows(v), table, ws, ss, bw, float(scale))
 
 
 @_window_attention3d_op.register_fake
 def _(q, k, v, table, window_size, shift_size, bias_window_size, scale):
-    _check(q, k, v, table, window_size, shift_size, bias_window_size, scale, True)
+    _checks.window_attention3d(q, k, v, table, window_size, shift_size, bias_window_size, scale,
+                               True)
     out = q.new_empty(q.shape)
-    lse = q.new_empty(q.shape[:5], dtype=_acc_dtype(q.dtype))
+    lse = q.new_empty(q.shape[:5], dtype=_checks.acc_dtype(q.dtype))
     return out, lse
 
 
@@ -209,14 +94,18 @@ def _window_attention3d_backward_op(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad_q, grad_k, grad_v, grad_table); grad_table is empty without a table."""
-    K = _kernels(q.device.type)
+    ws, ss, bw = _checks.window_attention3d_backward(grad_out, q, k, v, out, lse, table,
+                                                     window_size, shift_size, bias_window_size,
+                                                     scale)
+    K = BACKENDS.backward(q.device.type)
     return K.bwd(_rows(grad_out), _rows(q), _rows(k), _rows(v), out.contiguous(),
-                 lse.contiguous(), table, list(window_size), list(shift_size),
-                 list(bias_window_size), float(scale))
+                 lse.contiguous(), table, ws, ss, bw, float(scale))
 
 
 @_window_attention3d_backward_op.register_fake
 def _(grad_out, q, k, v, out, lse, table, window_size, shift_size, bias_window_size, scale):
+    _checks.window_attention3d_backward(grad_out, q, k, v, out, lse, table, window_size,
+                                        shift_size, bias_window_size, scale)
     dt = table.new_empty(table.shape) if table is not None else q.new_empty(0)
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape), dt
 
@@ -227,12 +116,12 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, table, out, lse)
     ctx.args = (ws, ss, bw, scale)
     ctx.mark_non_differentiable(lse)
-    _backend.remember(ctx)
+    remember(ctx, BACKENDS, q.device.type)
 
 
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, table, out, lse = ctx.saved_tensors
-    with _backend.as_in_forward(ctx):
+    with as_in_forward(ctx):
         dq, dk, dv, dt = torch.ops.mae3d.window_attention3d_backward(
             grad_out, q, k, v, out, lse, table, *ctx.args
         )
@@ -307,8 +196,8 @@ def window_attention3d(
     Returns:
         (B, D, H, W, heads, head_dim) contiguous, dtype of q.
     """
-    ws, ss, bw = _check(q, k, v, rel_pos_bias_table, window_size, shift_size, bias_window_size,
-                        scale, False)
+    ws, ss, bw = _checks.window_attention3d(q, k, v, rel_pos_bias_table, window_size, shift_size,
+                                            bias_window_size, scale, False)
     hd = q.shape[-1]
     scale = float(hd ** -0.5 if scale is None else scale)
     D, H, W = q.shape[1:4]

@@ -8,6 +8,9 @@ Output mask convention (shared by every backend): the output block size is
 same grid, with the cell index clamped to the grid (voxels past the last cell, e.g. the extra
 slice of a k=2, padding 1 conv, belong to the last cell). When ``block_size < stride`` a cell is
 smaller than an output voxel and the output is dense (all active).
+
+The helpers that compute it live in ``mae3d._geometry`` (shared with the ops and the kernels) and
+are re-exported here.
 """
 
 from __future__ import annotations
@@ -16,45 +19,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def conv_output_size(size: int, kernel: int, stride: int, padding: int) -> int:
-    """Output extent of a conv along one axis (dilation 1)."""
-    return (size + 2 * padding - kernel) // stride + 1
-
-
-def output_block_size(block_size: int, stride: int) -> int | None:
-    """Cell edge in output voxels, or None when the output is dense (block_size < stride)."""
-    return None if block_size < stride else block_size // stride
-
-
-def output_block_mask(block_mask: Tensor, block_size: int, stride: int,
-                      out_spatial: tuple[int, int, int]) -> Tensor | None:
-    """(B, Go, Ho', Wo') bool: the input block mask re-indexed onto the output grid
-    ceil(out / bo) (cell index clamped to the input grid), or None when the output is dense."""
-    bo = output_block_size(block_size, stride)
-    if bo is None:
-        return None
-    m = block_mask.bool()
-    for axis, n in enumerate(out_spatial):
-        cells = -(-n // bo)
-        if cells != m.shape[axis + 1]:
-            idx = torch.arange(cells, device=m.device).clamp_max(block_mask.shape[axis + 1] - 1)
-            m = m.index_select(axis + 1, idx)
-    return m
-
-
-def output_voxel_mask(block_mask: Tensor, block_size: int, stride: int,
-                      out_spatial: tuple[int, int, int]) -> Tensor:
-    """(B, 1, Do, Ho, Wo) bool: True where the op computes its output."""
-    om = output_block_mask(block_mask, block_size, stride, out_spatial)
-    if om is None:
-        return torch.ones(block_mask.shape[0], 1, *out_spatial, dtype=torch.bool,
-                          device=block_mask.device)
-    bo = block_size // stride
-    m = om[:, None]
-    for dim in (2, 3, 4):
-        m = m.repeat_interleave(bo, dim=dim)
-    return m[:, :, : out_spatial[0], : out_spatial[1], : out_spatial[2]]
+from mae3d._geometry import (  # noqa: F401  (re-exported: the convention documented above)
+    conv_output_size,
+    output_block_mask,
+    output_block_size,
+    output_voxel_mask,
+)
 
 
 def sparse_conv3d_reference(

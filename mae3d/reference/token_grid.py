@@ -20,22 +20,12 @@ Convention (the spec of every backend):
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
-
-def acc_dtype(*tensors: Tensor | None) -> torch.dtype:
-    """float64 when any given tensor is float64, else float32 (the accumulation dtype)."""
-    return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else (
-        torch.float32)
-
-
-def slot_index(visible_mask: Tensor, n_vis: int) -> Tensor:
-    """(B, N) int32: for each cell, the index of the visible token it takes, or -1 for the mask
-    token. A cumulative sum over the raster order, on the device, without a host sync."""
-    m = visible_mask.reshape(visible_mask.shape[0], -1).bool()
-    rank = torch.cumsum(m, dim=1, dtype=torch.int32) - 1
-    return torch.where(m & (rank < n_vis), rank, -1).to(torch.int32).contiguous()
+from mae3d._geometry import acc_dtype, slot_index  # noqa: F401  (slot_index: re-exported)
 
 
 def assemble_token_grid_reference(
@@ -58,7 +48,7 @@ def assemble_token_grid_reference(
     B, n_vis, C = visible_tokens.shape
     grid = tuple(visible_mask.shape[1:])
     acc = acc_dtype(visible_tokens, mask_token, pos_embed)
-    m = visible_mask.reshape(B, -1).bool()
+    m = visible_mask.reshape(B, math.prod(grid)).bool()  # no -1: B may be 0
     rows = []
     for b in range(B):
         cells = m[b].nonzero()[:, 0][:n_vis]  # the first n_vis True cells, raster order
@@ -85,8 +75,9 @@ def assemble_token_grid_reference_backward(
     B = grad_out.shape[0]
     C = grad_out.shape[-1]
     acc = acc_dtype(grad_out, mask_token, pos_embed)
-    g = grad_out.reshape(B, -1, C)
-    m = visible_mask.reshape(B, -1).bool()
+    N = math.prod(visible_mask.shape[1:])  # no -1 below: B may be 0
+    g = grad_out.reshape(B, N, C)
+    m = visible_mask.reshape(B, N).bool()
     g_vis = grad_out.new_zeros(B, n_vis, C)
     taken = torch.zeros_like(m)
     for b in range(B):

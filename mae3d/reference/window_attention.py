@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from mae3d._geometry import table_rows  # noqa: F401  (re-exported)
+
 MASK_VALUE = -100.0  # torchvision's additive shift mask between tokens of different regions
 
 
@@ -42,11 +44,6 @@ def relative_position_index(window_size: Sequence[int], device=None) -> Tensor:
     rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)  # (N, N, 3)
     rel = rel + torch.tensor([wd - 1, wh - 1, ww - 1], device=device)
     return rel[..., 0] * ((2 * wh - 1) * (2 * ww - 1)) + rel[..., 1] * (2 * ww - 1) + rel[..., 2]
-
-
-def table_rows(window_size: Sequence[int]) -> int:
-    """Rows of the relative-position bias table of a window: (2Wd-1)(2Wh-1)(2Ww-1)."""
-    return math.prod([2 * int(w) - 1 for w in window_size])
 
 
 def padded_grid(grid: Sequence[int], window_size: Sequence[int]) -> tuple[int, int, int]:

@@ -72,10 +72,11 @@ def run_demo(out: str = "mae3d-demo", minutes: float = 4.0,
                              resume=latest_checkpoint(run) is not None, device="cpu",
                              progress=progress, **s)
         res = run_pretrain(cfg)
-        cell = int(build_model(name, cfg.patch_size, cfg.size, **cfg.model_overrides).mask_cell)
+        model = build_model(name, cfg.patch_size, cfg.size, **cfg.model_overrides)
         references[name] = mean_predictor_loss(
-            open_volumes("mni152", cfg.spacing), cfg.patch_size, cell, cfg.mask_ratio,
-            seed=cfg.seed, steps=_REFERENCE_STEPS, batch_size=cfg.batch_size)
+            open_volumes("mni152", cfg.spacing), cfg.patch_size, int(model.mask_cell),
+            cfg.mask_ratio, seed=cfg.seed, steps=_REFERENCE_STEPS, batch_size=cfg.batch_size,
+            count=getattr(model, "mask_count", "mae"))
         log = os.path.join(run, "log.csv")
         written[name] = {
             "checkpoint": str(res.checkpoint),

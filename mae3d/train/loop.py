@@ -465,7 +465,8 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
                 x = next(batches).to(info.device, non_blocking=True)
                 x, mask = mae_inputs(x, step, cfg.seed, grid, cfg.mask_ratio,
                                      augment=cfg.augment, rank=info.rank,
-                                     world_size=info.world_size)
+                                     world_size=info.world_size,
+                                     count=getattr(model, "mask_count", "mae"))
                 snap = saver.snapshot(step) if pending == step and files else None
                 elapsed = time.perf_counter() - t_begin - evaluator.seconds
                 over = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes

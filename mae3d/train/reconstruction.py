@@ -98,7 +98,8 @@ def reconstruct(model: str | nn.Module, data: Any = "mni152", out: str = "recons
     dev = next(net.parameters()).device
     c = int(net.mask_cell)
     g = torch.Generator().manual_seed(seed)
-    mask = random_block_mask(1, p // c, ratio, generator=g)
+    mask = random_block_mask(1, p // c, ratio, generator=g,
+                             count=getattr(net, "mask_count", "mae"))
     try:
         res = net(x.to(dev), mask=mask.to(dev))
     finally:

@@ -84,18 +84,19 @@ def augment_batch(x: Tensor, step: int, seed: int) -> Tensor:
 
 
 def mae_inputs(x: Tensor, step: int, seed: int, grid: int, mask_ratio: float, *,
-               augment: bool = True, rank: int = 0, world_size: int = 1
+               augment: bool = True, rank: int = 0, world_size: int = 1, count: str = "mae"
                ) -> tuple[Tensor, Tensor]:
     """(batch, block mask) of one MAE step on ``x``'s device: x (B, 1, p, p, p) augmented (if
     asked), mask (B, grid, grid, grid) drawn for the global batch of ``B * world_size`` samples
     and sliced like the data (global sample j belongs to rank j % world_size), so N ranks with
-    batch B see the masks one process with batch N * B sees."""
+    batch B see the masks one process with batch N * B sees. ``count``: the model's rule for
+    the number of visible cells (``mae3d.masking.COUNT_RULES``; a model's ``mask_count``)."""
     from mae3d.data import step_generator
 
     if augment:
         x = augment_batch(x, step, seed)
     mask = random_block_mask(x.shape[0] * world_size, grid, mask_ratio,
-                             generator=step_generator(seed, step))
+                             generator=step_generator(seed, step), count=count)
     return x, mask[rank::world_size].to(x.device)
 
 
@@ -126,19 +127,20 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def mean_predictor_loss(volumes, patch_size: int, mask_cell: int, mask_ratio: float, *,
                         seed: int = 0, steps: int = 32, batch_size: int = 2,
-                        augment: bool = True) -> float:
+                        augment: bool = True, count: str = "mae") -> float:
     """The loss of predicting each crop's own mean intensity: the masked-voxel MSE of
     ``x.mean()`` against x, averaged over the first ``steps`` batches that a run with this
     ``seed`` trains on (same crops, augmentation and masks: ``build_loader`` + ``mae_inputs``).
     A reference level for loss curves: an MAE whose loss stays above it has not learnt more
-    than the crop's mean. volumes: a ``mae3d.data`` volume set."""
+    than the crop's mean. volumes: a ``mae3d.data`` volume set; count: the model's rule for the
+    number of visible cells (its ``mask_count``)."""
     from mae3d.data import build_loader
 
     grid = patch_size // mask_cell
     total = 0.0
     loader = build_loader(volumes, patch_size, batch_size, steps=steps, seed=seed)
     for step, x in enumerate(loader):
-        x, mask = mae_inputs(x, step, seed, grid, mask_ratio, augment=augment)
+        x, mask = mae_inputs(x, step, seed, grid, mask_ratio, augment=augment, count=count)
         x = x.float()
         hidden = ~upsample_block_mask(mask, mask_cell, x.shape[2:])
         err = (x - x.mean(dim=(1, 2, 3, 4), keepdim=True)) ** 2

@@ -40,7 +40,7 @@ def test_forward_output_and_exact_count_masks():
     assert not torch.equal(out.mask[0], out.mask[1])
     want = mae_loss("l2", out.reconstruction, volume(3), ~out.mask, 8)
     torch.testing.assert_close(out.loss, want)
-    assert tiny(mask_ratio=0.6).n_visible == 64 - round(0.6 * 64)
+    assert tiny(mask_ratio=0.6).n_visible == int(64 * (1 - 0.6))  # as published: 25
 
 
 def test_fov_aware_masking():
@@ -246,3 +246,8 @@ def test_bad_input():
         m(volume(), valid_mask=torch.ones(2, 4, 4, 4, dtype=torch.bool))
     with pytest.raises(ValueError, match="lcs_region"):
         tiny(loss="lcs_region")(volume())
+    for mask in (None, torch.ones(0, 4, 4, 4, dtype=torch.bool)):  # an empty batch
+        with pytest.raises(ValueError, match=r"BertsWin: x has batch size 0 \(shape \(0, 1, 32"):
+            m(volume(B=0), mask=mask)
+    with pytest.raises(ValueError, match="x has batch size 0"):
+        m.extract_features(volume(B=0))

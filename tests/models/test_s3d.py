@@ -214,12 +214,20 @@ def test_export_and_load(tmp_path):
     with torch.no_grad():  # the sparse-converted encoder without a mask is the dense encoder
         for a, b in zip(fresh.encoder(x), model.backbone.encoder(x)):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
-    # two-channel fine-tuning: the stem is replicated per channel
+    # two-channel fine-tuning: the stem is replicated per channel and divided by the channel
+    # count (nnssl's loader), so two equal channels give the pre-trained stem's response
+    stem = ref["stem.convs.0.conv.weight"]
     two = ResEncUNet(2, 3, **SMALL)
     load_pretrained_encoder(two, ckpt)
     w = two.encoder.stem.convs[0].conv.weight
-    torch.testing.assert_close(w[:, 1:], w[:, :1])
-    torch.testing.assert_close(w[:, :1], ref["stem.convs.0.conv.weight"])
+    torch.testing.assert_close(w, torch.cat([stem, stem], 1) / 2, atol=0, rtol=0)
+    with torch.no_grad():
+        for a, b in zip(two.encoder(x.repeat(1, 2, 1, 1, 1)), model.backbone.encoder(x)):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    three = ResEncUNet(3, 3, **SMALL)
+    load_pretrained_encoder(three, ckpt, divide_stem=False)  # plain copies
+    w = three.encoder.stem.convs[0].conv.weight
+    torch.testing.assert_close(w, torch.cat([stem] * 3, 1), atol=0, rtol=0)
     with pytest.raises(ValueError, match="architecture mismatch"):
         load_pretrained_encoder(ResEncUNet(1, 1, **{**SMALL, "blocks": [1, 2, 2, 2, 1]}), ckpt)
     with pytest.raises(ValueError, match="architecture mismatch at"):
@@ -303,3 +311,8 @@ def test_bad_input():
         S3D(ResEncUNet(1, 1, **TINY), coarse="all")
     with pytest.raises(ValueError, match="total_steps must be a positive int"):
         model.configure_optimizer(0)
+    empty = torch.randn(0, 1, 16, 16, 16)
+    for call in (lambda: model(empty), lambda: model(empty, torch.ones(0, 4, 4, 4, dtype=bool)),
+                 lambda: model.sample_mask(empty), lambda: model.encode(empty)):
+        with pytest.raises(ValueError, match=r"S3D: x has batch size 0 \(shape \(0, 1, 16"):
+            call()

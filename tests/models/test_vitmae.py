@@ -4,13 +4,14 @@ checks."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
 
 from mae3d.masking import random_block_mask
 from mae3d.models import MAEOutput, ViTMAE3d, vitmae_base
-from mae3d.models.vitmae import sincos_pos_embed_3d
+from mae3d.models.vitmae import monai_key_map, sincos_pos_embed_3d
 
 CFG = dict(img_size=(8, 12, 16), patch_size=4, in_channels=2, dim=12, depth=2, heads=2,
            mlp_dim=16, decoder_dim=12, decoder_depth=1, decoder_heads=3, decoder_mlp_dim=8)
@@ -50,16 +51,94 @@ def test_patchify_round_trip_and_conv_layout():
 
 
 def test_sincos_positions_layout():
-    pe = sincos_pos_embed_3d((2, 3, 4), 12)[0]  # dim 12 -> 2 frequencies (1, 1e-2) per axis
-    assert pe.shape == (24, 12)
-    d, h, w = 1, 2, 3
-    tok = pe[(d * 3 + h) * 4 + w]
-    expect = []
-    for a in (d, h, w):
-        expect += [math.sin(a), math.sin(a / 100), math.cos(a), math.cos(a / 100)]
-    torch.testing.assert_close(tok, torch.tensor(expect))
+    grid, d, h, w = (2, 3, 4), 1, 2, 3
+    tok = (d * 3 + h) * 4 + w  # tokens in (d, h, w) row-major order
+    for layout, axes in (("monai", (h, d, w)), ("dhw", (d, h, w))):
+        pe = sincos_pos_embed_3d(grid, 12, layout=layout)[0]  # 2 frequencies (1, 1e-2) per axis
+        assert pe.shape == (24, 12)
+        expect = []
+        for a in axes:
+            expect += [math.sin(a), math.sin(a / 100), math.cos(a), math.cos(a / 100)]
+        torch.testing.assert_close(pe[tok], torch.tensor(expect))
     with pytest.raises(ValueError, match="divisible by 6"):
         sincos_pos_embed_3d((2, 2, 2), 8)
+    with pytest.raises(ValueError, match="layout must be one of"):
+        sincos_pos_embed_3d((2, 2, 2), 12, layout="whd")
+
+
+def test_positions_equal_monai_bit_for_bit():
+    pos = pytest.importorskip("monai.networks.blocks.pos_embed_utils")
+    for grid, dim in (((2, 3, 4), 12), ((14, 14, 14), 768), ((3, 5, 2), 384)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # MONAI's meshgrid without indexing=
+            ref = pos.build_sincos_position_embedding(list(grid), dim, 3).data
+        assert torch.equal(sincos_pos_embed_3d(grid, dim), ref), grid
+        assert not torch.equal(sincos_pos_embed_3d(grid, dim, layout="dhw"), ref)
+
+
+MONAI_CFG = dict(in_channels=2, img_size=(8, 12, 16), patch_size=4, hidden_size=12, mlp_dim=16,
+                 num_layers=2, num_heads=2, decoder_hidden_size=12, decoder_mlp_dim=8,
+                 decoder_num_layers=1, decoder_num_heads=3)
+
+
+def test_monai_weights_load_and_give_monai_outputs():
+    """Real MONAI MaskedAutoEncoderViT (its own forward and random masking) against ViTMAE3d
+    with its weights loaded through ``load_monai_state_dict``, in fp64."""
+    nets = pytest.importorskip("monai.networks.nets.masked_autoencoder_vit")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = nets.MaskedAutoEncoderViT(**MONAI_CFG).double()
+    with torch.no_grad():  # non-trivial LayerNorms, tokens and biases: every path matters
+        for p in theirs.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.3)
+    keys = monai_key_map(theirs.state_dict(), 2, 1)
+    assert keys["blocks.2.weight"] == "encoder.norm.weight"
+    assert keys["decoder_blocks.0.attn.qkv.weight"] == "decoder.blocks.0.attn.qkv.weight"
+    assert keys["blocks.1.norm_cross_attn.bias"] is None
+    m = _model().double()
+    m.load_monai_state_dict(theirs.state_dict())
+    x = _x().double()
+    torch.manual_seed(5)
+    pred, masked = theirs(x)  # (B, N, C*p^3), MONAI's mask (B, N), 1 = masked
+    mask = (masked == 0).view(3, *GRID)
+    out = m(x, mask)
+    torch.testing.assert_close(m.patchify(out.reconstruction), pred, rtol=1e-10, atol=1e-10)
+    # with the old axis order the same weights give other outputs: the check can fail
+    with torch.no_grad():
+        for part, dim in ((m.encoder, 12), (m.decoder, 12)):
+            part.pos_embed.copy_(sincos_pos_embed_3d(GRID, dim, layout="dhw"))
+    old = m.patchify(m(x, mask).reconstruction)
+    assert (old - pred).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="does not fit"):
+        _model(dim=18, heads=3).double().load_monai_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="no ViTMAE3d counterpart"):
+        _model(depth=1).double().load_monai_state_dict(theirs.state_dict())
+    with pytest.raises(ValueError, match="pos_layout='monai'"):
+        _model(pos_layout="dhw").load_monai_state_dict(theirs.state_dict())
+
+
+def test_position_tables_are_stored_and_checked_on_load():
+    m = _model()
+    sd = m.state_dict()
+    assert torch.equal(sd["encoder.pos_embed"], sincos_pos_embed_3d(GRID, 12))
+    # a state dict saved before the tables were stored: only a "dhw" model takes it, unchanged
+    old = {k: v for k, v in sd.items() if not k.endswith("pos_embed")}
+    with pytest.raises(ValueError, match="build the model with pos_layout='dhw'"):
+        _model().load_state_dict(old)
+    legacy = _model(pos_layout="dhw")
+    legacy.load_state_dict(old)
+    assert torch.equal(legacy.encoder.pos_embed, sincos_pos_embed_3d(GRID, 12, layout="dhw"))
+    _model().load_state_dict(old, strict=False)  # a partial load keeps the model's own tables
+    # a table of the other layout names the right one; an unrelated table is refused
+    with pytest.raises(ValueError, match="in the 'monai' layout, this model uses 'dhw'"):
+        _model(pos_layout="dhw").load_state_dict(sd)
+    bad = dict(sd, **{"decoder.pos_embed": torch.randn_like(sd["decoder.pos_embed"])})
+    with pytest.raises(ValueError, match="not a sin-cos table"):
+        _model().load_state_dict(bad)
+    with pytest.raises(ValueError, match="pos_layout must be one of"):
+        _model(pos_layout="xyz")
 
 
 def test_attention_block_matches_explicit_softmax():
@@ -155,6 +234,9 @@ def test_bad_input():
     uneven[0, 0, 0, 0] = False
     with pytest.raises(ValueError, match="same number of visible"):
         m(_x(2), uneven)
+    for mask in (None, torch.ones(0, *GRID, dtype=torch.bool)):  # an empty batch
+        with pytest.raises(ValueError, match=r"ViTMAE3d: x has batch size 0 \(shape \(0, 2, 8"):
+            m(torch.randn(0, 2, 8, 12, 16), mask)
     with pytest.raises(ValueError, match="patch_size"):
         ViTMAE3d(img_size=10, patch_size=4)
     with pytest.raises(ValueError, match="divisible by its number of heads"):

@@ -8,9 +8,10 @@ import itertools
 import pytest
 import torch
 import torch.nn.functional as F
-from mae3d_testing import block_mask, tol, voxel_mask
+from mae3d_testing import tol
 
 import mae3d
+from mae3d.masking import random_voxel_mask
 from mae3d.ops import masked_norm, use_backend
 from mae3d.reference import masked_norm_reference
 
@@ -19,12 +20,15 @@ MASKS = ["ratio0", "ratio0.6", "ratio0.9", "ratio1.0", "block16", "block8", "per
 
 
 def make_mask(kind: str, shape, seed: int = 0) -> torch.Tensor:
+    def gen(s):
+        return torch.Generator().manual_seed(s)
+
     if kind.startswith("ratio"):
-        return voxel_mask(shape, float(kind[5:]), seed)
+        return random_voxel_mask(shape, float(kind[5:]), generator=gen(seed))
     if kind.startswith("block"):
-        return block_mask(shape, int(kind[5:]), 0.75, seed)
+        return random_voxel_mask(shape, 0.75, int(kind[5:]), generator=gen(seed))
     if kind == "per_sample":  # visible counts differ a lot between samples
-        masks = [voxel_mask((1, *shape[1:]), r, seed + i) for i, r in
+        masks = [random_voxel_mask((1, *shape[1:]), r, generator=gen(seed + i)) for i, r in
                  zip(range(shape[0]), itertools.cycle([0.2, 0.95, 0.6]))]
         return torch.cat(masks)
     raise ValueError(kind)
@@ -126,7 +130,8 @@ def test_triton_matches_reference(triton_device, dtype, mode, layout, shape, mas
 def test_without_affine_and_with_broadcast_mask(backend, mode, triton_device):
     device = triton_device if backend == "triton" else "cpu"
     x = make_inputs((2, 3, 4, 5, 6), torch.float32, "ratio0", device=device)[0]
-    m = voxel_mask((1, 1, 4, 5, 6), 0.5).to(device).to(torch.uint8)  # uint8, broadcast on batch
+    m = random_voxel_mask((1, 1, 4, 5, 6), 0.5, generator=torch.Generator().manual_seed(0))
+    m = m.to(device).to(torch.uint8)  # uint8, broadcast on batch
     ref = masked_norm_reference(x, m, mode=mode)
     with use_backend(backend):
         out = masked_norm(x, m, mode=mode)
@@ -166,7 +171,7 @@ def test_large_mean_small_std_is_accurate(backend, triton_device):
     shape = (2, 2, 16, 16, 16) if backend == "triton" else (2, 4, 40, 40, 40)
     g = torch.Generator().manual_seed(0)
     x64 = 1000.0 + torch.randn(shape, generator=g, dtype=torch.float64)
-    m = voxel_mask(shape, 0.3)
+    m = random_voxel_mask(shape, 0.3, generator=torch.Generator().manual_seed(0))
     ref = masked_norm_reference(x64, m)
     with use_backend(backend):
         out = masked_norm(x64.float().to(device), m.to(device))

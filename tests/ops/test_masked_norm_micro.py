@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from mae3d_testing import block_mask
 
+from mae3d.masking import random_voxel_mask
 from mae3d.ops import masked_norm, use_backend
 from mae3d.reference import masked_norm_reference
 
@@ -21,7 +21,8 @@ def inputs():
     x = torch.randn(2, 32, 40, 40, 40, generator=g).requires_grad_(True)
     w = torch.ones(32, requires_grad=True)
     b = torch.zeros(32, requires_grad=True)
-    return x, block_mask(x.shape, 4, 0.75), w, b, torch.randn_like(x)
+    m = random_voxel_mask(x.shape, 0.75, 4, generator=g)
+    return x, m, w, b, torch.randn_like(x)
 
 
 @pytest.mark.parametrize("provider", ["mae3d", "reference"])

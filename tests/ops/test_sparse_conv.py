@@ -63,8 +63,7 @@ def assert_matches(case, stride, padding=None, backend="packed", device="cpu", w
     dtype = case["dtype"]
     exact = run(sparse_conv3d_reference, case, torch.float64, stride, padding, "cpu", with_bias)
     eager = run(sparse_conv3d_reference, case, dtype, stride, padding, "cpu", with_bias)
-    force = "cpp" if backend == "packed" else backend
-    with use_backend(force), no_tf32():  # the kernel follows cuDNN's TF32 switch for fp32
+    with use_backend(backend), no_tf32():  # the kernel follows cuDNN's TF32 switch for fp32
         assert backend_for(device)[0] == backend
         got = run(sparse_conv3d, case, dtype, stride, padding, device, with_bias)
     names = ("out", "grad_x", "grad_weight", "grad_bias")
@@ -133,7 +132,7 @@ def test_only_active_outputs_feed_the_gradients(backend):
     m = case["block_mask"]
     x = case["x"].requires_grad_(True)
     w, b = case["weight"].requires_grad_(True), case["bias"].requires_grad_(True)
-    with use_backend("cpp" if backend == "packed" else backend):
+    with use_backend(backend):
         y = sparse_conv3d(x, w, b, m, 8)
         vox = upsample_block_mask(m, 8)
         gy = torch.where(vox, torch.ones_like(y), torch.full_like(y, 1e6))
@@ -160,7 +159,7 @@ def test_input_without_grad_skips_dgrad(backend, request):
     w0, b0 = case["weight"].float(), case["bias"].float()
     gy = torch.randn(1, 4, 2, 2, 4)
     w, b = w0.clone().to(dev).requires_grad_(True), b0.clone().to(dev).requires_grad_(True)
-    with use_backend("cpp" if backend == "packed" else backend), no_tf32(), \
+    with use_backend(backend), no_tf32(), \
             FlopCounterMode(display=False) as counter:
         gw, gb = torch.autograd.grad(sparse_conv3d(x.to(dev), w, b, m.to(dev), 2), (w, b),
                                      gy.to(dev))
@@ -175,7 +174,7 @@ def test_input_without_grad_skips_dgrad(backend, request):
 
 def test_fully_masked_and_dense_output():
     case = make_case((2, 3, 8, 8, 8), 4, 3, 4, 1.0, torch.float32)
-    with use_backend("cpp"):
+    with use_backend("packed"):
         y, gx, gw, gb = run(sparse_conv3d, case, torch.float32, 1, 1)
     assert (y == 0).all() and (gx == 0).all() and (gw == 0).all() and (gb == 0).all()
     # block 1 at stride 2: output cells are below a voxel, so the output is the dense conv
@@ -303,10 +302,16 @@ def test_odd_block_size_with_stride_2_is_rejected():
 
 
 def test_forced_backends():
-    with use_backend("cuda"), pytest.raises(RuntimeError, match="no CUDA C"):
+    # Names that are no backend of this op raise, naming the ops that have them; never another
+    # backend in their place.
+    with pytest.raises(ValueError, match="backend must be one of"), use_backend("cuda"):
+        pass
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="has no 'cpp' backend.*masked_norm"):
         backend_for("cpu")
     with use_backend("cpp"), pytest.raises(RuntimeError, match="forced"):
         backend_for("cuda")
+    with use_backend(sparse_conv3d="packed"):
+        assert backend_for("cpu") == backend_for("cuda") == ("packed", "forced")
     assert backend_for("cpu")[0] == "packed"
     # CUDA: the dense conv + mask (measured faster than the Triton kernel) unless Triton is forced
     assert backend_for("cuda")[0] == "reference"
@@ -425,14 +430,14 @@ def test_autocast_runs_in_the_autocast_dtype():
     assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float32
 
 
-@pytest.mark.parametrize("forced", ["reference", "cpp"])
+@pytest.mark.parametrize("forced", ["reference", "packed"])
 def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, forced):
     """A forward inside use_backend(...) gets the matching backward even when backward() runs
     after the block has closed (the default here would be the other backend)."""
-    import mae3d.ops.sparse_conv as SC
+    import mae3d.ops._torch_backends.sparse_conv as SC
 
     calls = []
-    for name in ("_ref_bwd", "_packed_bwd"):
+    for name in ("reference_bwd", "packed_bwd"):
         orig = getattr(SC, name)
 
         def spy(*a, _orig=orig, _name=name, **k):
@@ -445,7 +450,7 @@ def test_backward_runs_on_the_backend_of_its_forward(monkeypatch, forced):
     w = case["weight"].float().requires_grad_(True)
     with use_backend(forced):
         y = sparse_conv3d(x, w, None, case["block_mask"], 4)
-    other = "cpp" if forced == "reference" else "reference"
+    other = "packed" if forced == "reference" else "reference"
     with use_backend(other):  # the request in force when backward() runs does not matter
         y.sum().backward()
-    assert calls == ["_ref_bwd" if forced == "reference" else "_packed_bwd"]
+    assert calls == ["reference_bwd" if forced == "reference" else "packed_bwd"]

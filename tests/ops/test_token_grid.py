@@ -14,7 +14,7 @@ from mae3d.ops.token_grid import backend_for
 from mae3d.reference import assemble_token_grid_reference
 
 BACKENDS = ["indexed", "reference", pytest.param("triton", marks=pytest.mark.triton)]
-FORCE = {"indexed": "cpp", "reference": "reference", "triton": "triton"}
+FORCE = {"indexed": "indexed", "reference": "reference", "triton": "triton"}
 
 
 def make_inputs(B, grid, C, n_vis, *, counts=None, dtype=torch.float32, param_dtype=None,
@@ -175,8 +175,10 @@ def test_forced_backends():
     assert backend_for("cpu")[0] == "indexed"
     with use_backend("reference"):
         assert backend_for("cpu")[0] == "reference"
-    with use_backend("cuda"), pytest.raises(RuntimeError, match="no CUDA C"):
-        backend_for("cuda")
+    with use_backend("cpp"), pytest.raises(RuntimeError, match="has no 'cpp' backend"):
+        backend_for("cpu")
+    with use_backend(assemble_token_grid="indexed"):
+        assert backend_for("cuda") == ("indexed", "forced")
 
 
 def _bad(arg, change):

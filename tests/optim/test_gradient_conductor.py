@@ -26,6 +26,7 @@ def _run(gc, p, vecs: dict, steps: int = 1):
 def _setup(names=("a", "b"), **kw):
     p = torch.nn.Parameter(torch.tensor([0.3, -0.2], dtype=torch.float64))
     kw.setdefault("beta", 0.0)  # no momentum: p.grad is the resolved gradient itself
+    kw.setdefault("stochastic", False)  # every loss on every micro-batch
     return p, GradientConductor([p], list(names), **kw)
 
 
@@ -99,6 +100,117 @@ def test_zones_mode(cos, expect):
     close(p.grad, expect)
 
 
+def _winners(gc, p, steps: int) -> str:
+    """Winner of each step's conflict between a = (1, 0) and b = (-1, 0): cos -1, alpha = pi,
+    so p.grad is the winner's gradient (the loser is projected to zero)."""
+    out = ""
+    for _ in range(steps):
+        _run(gc, p, {"a": [1.0, 0.0], "b": [-1.0, 0.0]})
+        assert p.grad[1] == 0 and abs(abs(float(p.grad[0])) - 1.0) < 1e-12
+        out += "a" if p.grad[0] > 0 else "b"
+    return out
+
+
+@pytest.mark.parametrize("window, expect", [
+    # every score ties (both losses stable, equal norms and EMAs) -> the earlier loss "a" wins,
+    # except when "a" won each of the last `window` conflicts: then "b" wins this one
+    (3, "aaabaaab"),  # the published default
+    (2, "aabaabaa"),
+    (1, "abababab"),
+    (0, "aaaaaaaa"),  # disabled (BertsWin's published run)
+])
+def test_dominance_window(window, expect):
+    p, gc = _setup(dominance_window=window)
+    assert _winners(gc, p, 8) == expect
+
+
+def test_dominance_history_in_zones_mode_and_across_resume():
+    # zones mode: the critical zone arbitrates and records its winner as well
+    p, gc = _setup(mode="zones")
+    assert _winners(gc, p, 4) == "aaab"
+    # the history is part of the state: a resumed conductor continues "aaa" -> "b"
+    p1, g1 = _setup()
+    assert _winners(g1, p1, 3) == "aaa"
+    state = g1.state_dict()
+    assert state["history"] == ["a", "a", "a"]
+    p2, g2 = _setup()
+    g2.load_state_dict(state)
+    assert _winners(g2, p2, 2) == "ba"
+    p3, g3 = _setup()  # without the state: "a" again (the test can fail)
+    assert _winners(g3, p3, 1) == "a"
+
+
+def test_norm_cap_scales_each_loss_before_resolution():
+    p, gc = _setup(norm_cap=1.0)
+    _run(gc, p, {"a": [3.0, 0.0], "b": [0.0, 0.5]})  # orthogonal: nothing to resolve
+    close(p.grad, [1.0, 0.5])  # a scaled to norm 1, b (0.5 <= 1) unchanged
+    p, gc = _setup(("l",), norm_cap=1.0)  # one loss: not capped (published)
+    _run(gc, p, {"l": [3.0, 0.0]})
+    close(p.grad, [3.0, 0.0])
+
+
+@pytest.mark.parametrize("init, expect", [(None, [0.2, 0.0]), (1.0, [-10.0, 0.0])])
+def test_norm_ema_start(init, expect):
+    p, gc = _setup(norm_ema_init=init)
+    _run(gc, p, {"a": [10.0, 0.0], "b": [0.0, 0.1]})  # orthogonal: only the EMAs move
+    # step 2: both flipped (stability 0); cos(a, b) = -1: the strength r = ||g|| / EMA decides.
+    # init None: EMA_a = 10, EMA_b = 0.95 * 0.1 + 0.05 * 0.2 = 0.105 -> r_a = 1 < r_b = 1.9:
+    #   b wins, a is projected to zero -> p.grad = b
+    # init 1.0 (published): EMA_a = 0.95 * (0.95 + 0.5) + 0.5 = 1.8775 -> r_a = 5.33;
+    #   EMA_b = 0.95 * (0.95 + 0.005) + 0.01 = 0.917 -> r_b = 0.22: a wins -> p.grad = a
+    _run(gc, p, {"a": [-10.0, 0.0], "b": [0.2, 0.0]})
+    close(p.grad, expect)
+
+
+def _deg(d: float) -> list[float]:
+    return [math.cos(math.radians(d)), math.sin(math.radians(d))]
+
+
+@pytest.mark.parametrize("ref, expect", [("raw", _deg(150)), ("resolved", _deg(-30))])
+def test_stability_reference(ref, expect):
+    p, gc = _setup(stability_ref=ref, dominance_window=0)
+    # step 1: a = 0 deg, b = 140 deg (cos -0.77, main conflict); no history: tie -> a wins;
+    # resolved: b -> (0, sin 140) = 90 deg; a -> a - sin(alpha) (a.b) b = 11.3 deg
+    # (alpha = pi/2 (1 + ((cos + 0.5) / -0.3)^2) = 160.8 deg)
+    _run(gc, p, {"a": _deg(0), "b": _deg(140)})
+    # step 2: a = -30 deg, b = 150 deg, cos -1: alpha = pi, the winner's gradient is p.grad.
+    # raw: stability a = cos 30 = 0.87 < b = cos 10 = 0.98 -> b wins;
+    # resolved: a = cos 41.3 = 0.75 > b = cos 60 = 0.5 -> a wins (strengths are equal)
+    _run(gc, p, {"a": _deg(-30), "b": _deg(150)})
+    close(p.grad, expect)
+
+
+def test_defaults_are_the_published_ones():
+    import inspect
+
+    sig = inspect.signature(GradientConductor).parameters
+    published = {"beta": 0.85, "lion": False, "lion_lr": 1e-4, "trust_clip": 100.0,
+                 "dominance_window": 3, "stochastic": True, "mode": "smooth",
+                 "conflict_thresholds": (-0.8, -0.5, 0.0), "max_iters": None, "norm_cap": None,
+                 "norm_ema_beta": 0.95, "arbiter_weights": (0.8, 0.2), "remap_power": 2.0,
+                 "eps": 1e-8}
+    assert {k: sig[k].default for k in published} == published
+    # the documented differences, with their published settings available
+    assert (sig["sync"].default, sig["norm_ema_init"].default, sig["stability_ref"].default,
+            sig["conflict_tol"].default) == ("grads", None, "raw", 1e-6)
+
+
+@pytest.mark.parametrize("tol, iters, history", [(1e-6, 0, []), (0.0, 4, ["a", "a", "b"])])
+def test_conflict_tolerance(tol, iters, history):
+    # cos -5e-7: rounding-sized. The published rule (tol 0) arbitrates it in every iteration
+    # (a weak conflict's smooth projection, alpha ~ 1.6e-6 here, only shrinks it) until max_iters
+    # = 4: winners a, a, a, then b (dominance window 3); the history keeps the last 3
+    p, gc = _setup(conflict_tol=tol)
+    stats = _run(gc, p, {"a": [1.0, 0.0], "b": [-5e-7, 1.0]})
+    assert stats["proj_iters"] == iters and list(gc._history) == history
+    assert stats["min_cos"] == pytest.approx(-5e-7)
+    close_ = torch.testing.assert_close
+    close_(p.grad, T([1.0 - 5e-7, 1.0]), rtol=0, atol=1e-11)  # either way ~ the plain sum
+    # after a critical-zone projection the pair is orthogonal up to rounding: one iteration
+    p, gc = _setup()
+    assert _run(gc, p, {"a": [0.3, 0.1], "b": [-0.29, -0.11]})["proj_iters"] == 1
+
+
 def test_zones_weak_symmetric_projection():
     p, gc = _setup(mode="zones")
     c = -0.3
@@ -132,7 +244,7 @@ def test_max_iters_bounds_the_iterations():
     assert _run(gc, p, vecs)["proj_iters"] > 1
 
 
-def test_accumulation_weights_and_stochastic_cycling():
+def test_accumulation_weights_and_stochastic_blocks():
     p, gc = _setup(accumulation_steps=3, weights={"a": 2.0})
     for v in ([1.0, 0.0], [2.0, 0.0], [3.0, 3.0]):
         gc.accumulate({"a": (p * torch.tensor(v, dtype=p.dtype)).sum(),
@@ -146,8 +258,8 @@ def test_accumulation_weights_and_stochastic_cycling():
         seen += names
         gc.accumulate({names[0]: (p * torch.tensor(v, dtype=p.dtype)).sum()})
     gc.step()
-    assert seen == ["a", "b", "a", "b"]
-    close(p.grad, [2.0, 3.0])  # each loss averaged over its own 2 micro-batches
+    assert seen == ["a", "a", "b", "b"]  # the published order: one block of micro-batches each
+    close(p.grad, [0.5 + 1.5, 0.5 + 2.5])  # each loss averaged over its own 2 micro-batches
     with pytest.raises(ValueError, match="divisible"):
         GradientConductor([p], ["a", "b"], 3, stochastic=True)
 
@@ -164,7 +276,7 @@ def test_one_loss_is_bias_corrected_momentum():
 
 def test_one_loss_lion_trust_ratio_and_sgd_step():
     p = torch.nn.Parameter(torch.tensor([3.0, -4.0], dtype=torch.float64))  # ||p|| = 5
-    gc = GradientConductor([p], ["lcs"], 2, lion=True, lion_lr=0.5)
+    gc = GradientConductor([p], ["lcs"], 2, lion=True, lion_lr=0.5, beta=0.9, trust_clip=10.0)
     opt = torch.optim.SGD([p], lr=0.1)
     _run(gc, p, {"lcs": [0.2, 0.0]})
     # m_hat = g = (0.2, 0): ratio 5 / 0.2 = 25 -> clipped to 10
@@ -178,7 +290,7 @@ def test_one_loss_lion_trust_ratio_and_sgd_step():
     assert ratio < 10
     close(p.grad, (torch.sign(m_hat) * 0.5 * ratio).tolist())
     z = torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))  # ||p|| < eps -> ratio 1
-    gz = GradientConductor([z], ["lcs"], 1, lion=True)
+    gz = GradientConductor([z], ["lcs"], 1, lion=True, lion_lr=1.0)
     _run(gz, z, {"lcs": [1.0, -2.0]})
     close(z.grad, [1.0, -1.0])
 
@@ -219,14 +331,20 @@ def test_bad_input():
                     (dict(conflict_thresholds=(0.0, -0.5, -0.8)), "conflict_thresholds"),
                     (dict(weights={"z": 1.0}), "unknown losses"), (dict(sync="sum"), "sync"),
                     (dict(accumulation_steps=0), "accumulation_steps"),
-                    (dict(max_iters=-1), "max_iters")]:
+                    (dict(max_iters=-1), "max_iters"), (dict(norm_cap=0.0), "norm_cap"),
+                    (dict(dominance_window=-1), "dominance_window"),
+                    (dict(stability_ref="old"), "stability_ref"),
+                    (dict(norm_ema_init=0.0), "norm_ema_init"),
+                    (dict(conflict_tol=-1e-3), "conflict_tol")]:
         with pytest.raises(ValueError, match=msg):
-            GradientConductor([p], ["a", "b"], **kw)
+            GradientConductor([p], ["a", "b"], **{"stochastic": False, **kw})
+    with pytest.raises(ValueError, match="stochastic mode needs accumulation_steps"):
+        GradientConductor([p], ["a", "b"])  # the published default: one loss per micro-batch
     with pytest.raises(ValueError, match="distinct"):
         GradientConductor([p], ["a", "a"])
     with pytest.raises(ValueError, match="requires_grad"):
         GradientConductor([torch.zeros(2)], ["a"])
-    other = GradientConductor([p], ["x", "y"])
+    other = GradientConductor([p], ["x", "y"], stochastic=False)
     with pytest.raises(ValueError, match="state has losses"):
         other.load_state_dict(_setup()[1].state_dict())
 
