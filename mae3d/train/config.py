@@ -40,9 +40,10 @@ __all__ = [
 ]
 
 # Fields that define the model or the data stream (batch of step s = f(seed, s, data, crop)).
-# The optimizer (recipe) too: its state in the checkpoint belongs to it.
+# The optimizer (recipe) too: its state in the checkpoint belongs to it; and the micro-batches
+# per step (micro-batch m of step s is number s * accumulation_steps + m of the data stream).
 FIXED_ON_RESUME = ("model", "size", "patch_size", "mask_ratio", "model_overrides", "data",
-                   "spacing", "batch_size", "seed", "augment", "optimizer")
+                   "spacing", "batch_size", "seed", "augment", "optimizer", "accumulation_steps")
 # Keys of older versions' meta.json that no longer exist (ignored when reading a checkpoint).
 _RETIRED = ("data_backend",)
 SEED_LIMIT = 2**32
@@ -195,15 +196,22 @@ class PretrainConfig(_Checked):
     patch_size: int = option(64, "edge of the cubic training crop in voxels (a multiple of "
                                  "the model's mask cell)")
     mask_ratio: float = option(0.75, "fraction of mask cells hidden from the encoder, in [0, 1)")
-    optimizer: str | None = option(None, "training recipe: adamw | sgd", metavar="RECIPE",
-                                   default_help="the model's recipe: S3D sgd (SGD Nesterov + "
-                                                "PolyLR), BertsWin / ViT-MAE adamw")
+    optimizer: str | None = option(
+        None, "training recipe: adamw (AdamW, warm-up + cosine) | sgd (SGD Nesterov + PolyLR) | "
+              "gcond (the published BertsWin run: GradientConductor, Lion sign momentum with "
+              "trust ratio, 5 micro-batches, update clip 10, peak lr 1.5e-5, no weight decay; "
+              "BertsWin then defaults to its published LCS loss)", metavar="RECIPE",
+        default_help="the model's: S3D sgd, BertsWin / ViT-MAE adamw")
+    accumulation_steps: int | None = option(
+        None, "micro-batches (of --batch-size crops each) per optimiser step",
+        default_help="the recipe's: gcond 5, others 1")
     lr: float | None = option(None, "peak learning rate",
-                              default_help="the recipe's: sgd 1e-2, adamw 1.5e-4")
+                              default_help="the recipe's: sgd 1e-2, adamw 1.5e-4, gcond 1.5e-5")
     weight_decay: float | None = option(None, "weight decay",
-                                        default_help="the recipe's: sgd 3e-5, adamw 0.05")
-    clip: float | None = option(None, "gradient-norm clip (0 = none)",
-                                default_help="the recipe's: sgd 12, adamw 1")
+                                        default_help="the recipe's: sgd 3e-5, adamw 0.05, gcond "
+                                                     "none")
+    clip: float | None = option(None, "gradient-norm clip (gcond: of the update; 0 = none)",
+                                default_help="the recipe's: sgd 12, adamw 1, gcond 10")
     amp: str | None = option(None, "bf16 autocast (off = fp32)", choices=("bf16", "off"),
                              default_help="off")
     compile: bool = option(False, "torch.compile the model")
@@ -230,7 +238,7 @@ class PretrainConfig(_Checked):
         """Check types, ranges and choices; raise ``UserError`` naming the field."""
         self._check_types()
         self._model_and_size()
-        self._positive("steps", "batch_size", "patch_size", "save_every")
+        self._positive("steps", "batch_size", "patch_size", "save_every", "accumulation_steps")
         self._finite("mask_ratio", 0.0, inclusive=True, high=1.0)
         self._finite("lr", 0.0)
         self._finite("weight_decay", 0.0, inclusive=True)
@@ -417,6 +425,11 @@ def check_resume(meta: dict[str, Any], cfg: PretrainConfig, ckpt_step: int, worl
             from mae3d.train.registry import recipe_name
 
             same = recipe_name(old.get("model", cfg.model), a) == recipe_name(cfg.model, b)
+        elif name == "accumulation_steps":
+            from mae3d.train.registry import accumulation_steps
+
+            same = accumulation_steps(old.get("model", cfg.model), old.get("optimizer"), a) == \
+                accumulation_steps(cfg.model, cfg.optimizer, b)
         elif isinstance(b, float) and isinstance(a, (int, float)):
             same = float(a) == b
         else:

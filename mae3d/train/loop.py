@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from mae3d.errors import NonFiniteLossError, Terminated, UserError
-from mae3d.optim.recipes import Recipe, build_optimizer, build_scheduler, lr_multiplier
+from mae3d.optim.recipes import Recipe
 from mae3d.train import checkpoint as ckpt
 from mae3d.train.config import PretrainConfig, check_resume, data_key
 from mae3d.train.distributed import (
@@ -53,14 +53,15 @@ from mae3d.train.distributed import (
     shutdown_distributed,
 )
 from mae3d.train.logs import RunLogger
+from mae3d.train.optimizers import TorchUpdater, build_updater
 from mae3d.train.outputs import ensure_out_dir, writing
 from mae3d.train.registry import RECIPE_NAMES, build_model, check_patch_size, resolve_recipe
 from mae3d.train.sources import data_module, open_volumes
-from mae3d.train.step import autocast, mae_inputs, mae_loss, oom_as_user_error, train_step
+from mae3d.train.step import autocast, mae_inputs, mae_loss, oom_as_user_error
 
 __all__ = ["PretrainResult", "pretrain", "run_pretrain", "stop_signals"]
 
-_STATE_KEYS = ("optimizer", "scheduler", "rng", "data")
+_STATE_KEYS = ("rng", "data")  # + the updater's (optimizer and scheduler, or recipe)
 _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 
 
@@ -154,6 +155,10 @@ def run_pretrain(cfg: PretrainConfig) -> PretrainResult:
     """``mae3d pretrain``: validate ``cfg``, build its model (``registry.build_model``) and run
     ``pretrain`` on ``cfg.data``; see ``pretrain``."""
     cfg.validate()
+    if cfg.model == "bertswin" and cfg.optimizer == "gcond" and "loss" not in cfg.model_overrides:
+        # the published BertsWin run trains ONE loss, LCS, through the conductor (recorded in the
+        # checkpoint's config, so the model is rebuilt with it)
+        cfg.model_overrides = {**cfg.model_overrides, "loss": "lcs"}
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.model, cfg.patch_size, cfg.size, cfg.mask_ratio,
                         **cfg.model_overrides)
@@ -222,32 +227,17 @@ def _volumes(data: Any):
                     f"{type(data).__name__}")
 
 
-def _plan(opt: torch.optim.Optimizer, sched, recipe: Recipe, cfg: PretrainConfig) -> None:
-    """Apply the configured peak lr, weight decay and schedule length to (possibly restored)
-    optimizer and scheduler states: the lr of step t is peak * multiplier(t) of the schedule
-    over ``cfg.steps``. On a fresh run this reproduces what the constructors set."""
-    peak = recipe.lr if cfg.lr is None else cfg.lr
-    wd = recipe.weight_decay if cfg.weight_decay is None else cfg.weight_decay
-    f = lr_multiplier(recipe, cfg.steps)
-    sched.lr_lambdas = [f] * len(opt.param_groups)
-    sched.base_lrs = [peak] * len(opt.param_groups)
-    for g in opt.param_groups:
-        g["initial_lr"], g["weight_decay"] = peak, wd
-        g["lr"] = peak * f(sched.last_epoch)
-    sched._last_lr = [g["lr"] for g in opt.param_groups]
-
-
-def _load_states(where: str, state: dict[str, Any], opt, sched) -> int:
-    """Load optimizer and scheduler states, check the RNG state; the step they are at.
-    Anything that does not fit means a damaged file: ``CheckpointDamaged`` naming it."""
+def _load_states(where: str, state: dict[str, Any], updater) -> int:
+    """Load the optimiser-side states (optimizer + scheduler, or a published recipe's), check
+    the RNG state; the step they are at. Anything that does not fit means a damaged file:
+    ``CheckpointDamaged`` naming it."""
     path = os.path.join(where, "state.pt")
     saved_rng = ckpt.capture_rng()
     try:
         step = state["data"]["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError(f"data.step is {step!r}")
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        updater.load_state_dict({k: state[k] for k in updater.state_keys})
         ckpt.restore_rng(state["rng"])  # only to check it: restored again below
     except Exception as e:  # any structure that does not fit: damage
         raise ckpt.CheckpointDamaged(f"checkpoint {path}: unusable training state "
@@ -257,10 +247,10 @@ def _load_states(where: str, state: dict[str, Any], opt, sched) -> int:
     return step
 
 
-def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sched):
+def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module, updater):
     """(checkpoint folder, meta, start step, RNG state, changed fields) of the checkpoint that
-    ``model``, ``opt`` and ``sched`` were loaded from, or None (then only ``opt`` and ``sched``
-    may have been touched: rebuild them; ``model`` is loaded last, only on success).
+    ``model`` and ``updater`` were loaded from, or None (then only ``updater`` may have been
+    touched: rebuild it; ``model`` is loaded last, only on success).
 
     Refusals (a fixed field changed, an incompatible model) raise ``UserError``; a damaged
     checkpoint is moved aside with a warning and the next older one is tried."""
@@ -276,8 +266,8 @@ def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sc
                 raise ckpt.CheckpointDamaged(f"checkpoint {existing}/meta.json: lacks its config "
                                              "or step")
             changes = check_resume(meta, cfg, step, info.world_size, existing)
-            state = ckpt.load_training_state(existing, _STATE_KEYS)
-            start = _load_states(existing, state, opt, sched)
+            state = ckpt.load_training_state(existing, (*_STATE_KEYS, *updater.state_keys))
+            start = _load_states(existing, state, updater)
             ckpt.load_model_weights(existing, model)
             return existing, meta, start, state["rng"], changes
         except ckpt.CheckpointDamaged as e:
@@ -295,25 +285,23 @@ def _resume_point(cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sc
 class _Saver:
     """Snapshots of the training state (rank 0) and their checkpoints."""
 
-    def __init__(self, cfg: PretrainConfig, info: DistInfo, model: nn.Module, opt, sched,
+    def __init__(self, cfg: PretrainConfig, info: DistInfo, model: nn.Module, updater,
                  history: list[dict[str, Any]], last: str | None):
-        self.cfg, self.info, self.model, self.opt, self.sched = cfg, info, model, opt, sched
+        self.cfg, self.info, self.model, self.updater = cfg, info, model, updater
         self.history, self.last = history, last
 
     def snapshot(self, step: int) -> dict[str, Any]:
         if not self.info.is_main:
             return {"step": step}
         return {"step": step, "weights": ckpt.to_cpu(self.model.state_dict()),
-                "optimizer": ckpt.to_cpu(self.opt.state_dict()),
-                "scheduler": ckpt.to_cpu(self.sched.state_dict()), "rng": ckpt.capture_rng()}
+                "updater": ckpt.to_cpu(self.updater.state_dict()), "rng": ckpt.capture_rng()}
 
     def write(self, snap: dict[str, Any], loss: float) -> str:
         step, cfg = snap["step"], self.cfg
         path = os.path.join(cfg.out, "checkpoints", f"step-{step:06d}")
         if not self.info.is_main:
             return path
-        state = {"optimizer": snap["optimizer"], "scheduler": snap["scheduler"],
-                 "rng": snap["rng"],
+        state = {**snap["updater"], "rng": snap["rng"],
                  "data": {"step": step, "seed": cfg.seed, "world_size": self.info.world_size}}
         meta = {"kind": "mae3d-pretrain", "config": cfg.to_dict(), "model": cfg.model,
                 "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
@@ -400,15 +388,11 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
         ckpt.cleanup_interrupted(cfg.out)
     model = model.to(info.device)
 
-    def fresh():
-        opt = build_optimizer(model.parameters(), recipe, cfg.lr, cfg.weight_decay)
-        return opt, build_scheduler(opt, recipe, cfg.steps)
-
-    opt, sched = fresh()
+    updater = build_updater(model, recipe, cfg)
     start, last, history, rng = 0, None, [], None
-    point = _resume_point(cfg, info, model, opt, sched) if files else None
+    point = _resume_point(cfg, info, model, updater) if files else None
     if point is None:
-        opt, sched = fresh()
+        updater = build_updater(model, recipe, cfg)
     else:
         last, meta, start, rng, changes = point
         history = list(meta.get("history", [])) if isinstance(meta.get("history"), list) else []
@@ -418,29 +402,31 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
                 what = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items())
                 print(f"mae3d pretrain: --resume at step {start} with {what}"
                       + (" (schedule re-planned)" if "steps" in changes else ""), file=sys.stderr)
-    _plan(opt, sched, recipe, cfg)
+    updater.plan(cfg)
     if volumes is None:
         volumes = open_volumes(cfg.data, cfg.spacing)
-    clip = recipe.clip if cfg.clip is None else cfg.clip
     if rng is None:
         torch.manual_seed(cfg.seed)
+    accum = updater.accumulation_steps  # micro-batch m of step s: number s * accum + m
     loader = data_module().build_loader(
-        volumes, cfg.patch_size, cfg.batch_size, steps=cfg.steps, seed=cfg.seed,
-        start_step=start, rank=info.rank, world_size=info.world_size, workers=cfg.workers,
-        pin_memory=info.device.type == "cuda")
+        volumes, cfg.patch_size, cfg.batch_size, steps=cfg.steps * accum, seed=cfg.seed,
+        start_step=start * accum, rank=info.rank, world_size=info.world_size,
+        workers=cfg.workers, pin_memory=info.device.type == "cuda")
     batches = iter(loader)  # creating the iterator draws from the global RNG: before the restore
     if rng is not None:
         ckpt.restore_rng(rng)
 
     net = model
-    if info.distributed:
+    # a published recipe conducts its gradients across ranks itself (GradientConductor's sync)
+    if info.distributed and isinstance(updater, TorchUpdater):
         ids = [info.device.index] if info.device.type == "cuda" else None
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
     if cfg.compile:
         net = torch.compile(net)
     amp = torch.bfloat16 if cfg.amp == "bf16" else None
     grid = cfg.patch_size // int(model.mask_cell)
-    voxels = cfg.batch_size * info.world_size * cfg.patch_size ** 3
+    voxels = accum * cfg.batch_size * info.world_size * cfg.patch_size ** 3
+    count = getattr(model, "mask_count", "mae")
 
     logger = RunLogger(cfg.out, start, enabled=info.is_main and files)
     evaluator = _Evaluator(eval_fn, eval_every, cfg, start, info.is_main, files)
@@ -450,7 +436,7 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
                disable=not (info.is_main and cfg.progress), desc=f"pretrain {cfg.model}")
     result = PretrainResult(cfg.out if files else None, start, start, "done", last,
                             evals=evaluator.rows)
-    saver = _Saver(cfg, info, model, opt, sched, history, last)
+    saver = _Saver(cfg, info, model, updater, history, last)
     pending: int | None = None  # a checkpoint is due for the state after this many steps
     t_begin = time.perf_counter()
     net.train()
@@ -462,18 +448,19 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
                 evaluator(model, 0)
             for step in range(start, cfg.steps):
                 t0 = time.perf_counter()
-                x = next(batches).to(info.device, non_blocking=True)
-                x, mask = mae_inputs(x, step, cfg.seed, grid, cfg.mask_ratio,
-                                     augment=cfg.augment, rank=info.rank,
-                                     world_size=info.world_size,
-                                     count=getattr(model, "mask_count", "mae"))
+                micro = []
+                for i in range(accum):
+                    x = next(batches).to(info.device, non_blocking=True)
+                    x, mask = mae_inputs(x, step * accum + i, cfg.seed, grid, cfg.mask_ratio,
+                                         augment=cfg.augment, rank=info.rank,
+                                         world_size=info.world_size, count=count)
+                    micro.append(partial(mae_loss, net, x, mask))
                 snap = saver.snapshot(step) if pending == step and files else None
                 elapsed = time.perf_counter() - t_begin - evaluator.seconds
                 over = cfg.max_minutes is not None and elapsed > 60 * cfg.max_minutes
                 try:
-                    res = train_step(partial(mae_loss, net, x, mask), opt, sched, clip=clip,
-                                     amp=amp, device_type=info.device.type, step=step,
-                                     stop=stop.signum is not None or over, dist_info=info)
+                    res = updater.step(micro, amp=amp, device_type=info.device.type, step=step,
+                                       stop=stop.signum is not None or over, dist_info=info)
                 except NonFiniteLossError as e:
                     e.last_checkpoint = result.checkpoint
                     raise

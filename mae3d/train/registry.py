@@ -28,7 +28,8 @@ from mae3d.optim.recipes import MAE_ADAMW, S3D_FINETUNE, S3D_PRETRAIN, Recipe
 from mae3d.train.config import MODEL_NAMES, SIZE_ALIASES, SIZES, canonical_size
 
 __all__ = [
-    "FINETUNE_RECIPE", "MODEL_NAMES", "RECIPES", "RECIPE_NAMES", "SIZES", "build_model",
+    "FINETUNE_RECIPE", "MODEL_NAMES", "RECIPES", "RECIPE_NAMES", "SIZES", "accumulation_steps",
+    "build_model",
     "build_segmentation_net", "check_patch_size", "create_model", "default_input_size",
     "encoder_parameters", "list_models", "recipe_name", "resolve_recipe", "transfer_encoder",
 ]
@@ -36,8 +37,10 @@ __all__ = [
 # The default recipe of each model (the published one; "toy": the test stand-in's).
 RECIPES: dict[str, Recipe] = {"s3d": S3D_PRETRAIN, "bertswin": MAE_ADAMW, "vitmae": MAE_ADAMW,
                               "toy": replace(S3D_PRETRAIN, momentum=0.9)}
-# Recipes by name (``--optimizer`` / ``pretrain(recipe=...)``).
-_NAMED_RECIPES: dict[str, Recipe] = {"adamw": MAE_ADAMW, "sgd": S3D_PRETRAIN}
+# Recipes by name (``--optimizer`` / ``pretrain(recipe=...)``): a ``Recipe`` (torch optimizer +
+# schedule) or the name of a published recipe of ``mae3d.optim.published`` (its own interface).
+_NAMED_RECIPES: dict[str, Recipe | str] = {"adamw": MAE_ADAMW, "sgd": S3D_PRETRAIN,
+                                           "gcond": "gcond"}
 RECIPE_NAMES = tuple(_NAMED_RECIPES)
 _DEFAULT_RECIPE_NAME = {"s3d": "sgd", "toy": "sgd", "bertswin": "adamw", "vitmae": "adamw"}
 FINETUNE_RECIPE = S3D_FINETUNE  # S3D encoders (and the toy stand-in) in a ResEnc U-Net
@@ -69,8 +72,9 @@ def recipe_name(model: str, optimizer: str | None = None) -> str:
     return optimizer if optimizer is not None else _DEFAULT_RECIPE_NAME.get(model, "adamw")
 
 
-def resolve_recipe(model: str, optimizer: str | Recipe | None = None) -> Recipe:
-    """``optimizer`` as a ``Recipe``: a recipe itself, a name of ``RECIPE_NAMES``, or None (the
+def resolve_recipe(model: str, optimizer: str | Recipe | None = None) -> Recipe | str:
+    """``optimizer`` as a ``Recipe`` or a published recipe's name ("gcond",
+    ``mae3d.optim.published``): a recipe itself, a name of ``RECIPE_NAMES``, or None (the
     default recipe of ``model``, see ``recipe_name``)."""
     if isinstance(optimizer, Recipe):
         return optimizer
@@ -80,6 +84,13 @@ def resolve_recipe(model: str, optimizer: str | Recipe | None = None) -> Recipe:
         raise UserError(f"unknown optimizer {optimizer!r} (--optimizer); choose one of "
                         f"{', '.join(RECIPE_NAMES)}")
     return _NAMED_RECIPES[optimizer]
+
+
+def accumulation_steps(model: str, optimizer: str | None, value: int | None) -> int:
+    """Micro-batches per optimiser step of a run: ``value``, or the recipe's (gcond: 5)."""
+    from mae3d.train.optimizers import default_accumulation
+
+    return value if value is not None else default_accumulation(resolve_recipe(model, optimizer))
 
 
 def list_models() -> dict[str, tuple[str, ...]]:

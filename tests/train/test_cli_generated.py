@@ -31,6 +31,7 @@ VALUES = {
         "patch_size": 32,
         "mask_ratio": 0.6,
         "optimizer": "adamw",
+        "accumulation_steps": 2,
         "lr": 0.002,
         "weight_decay": 0.01,
         "clip": 2.0,
