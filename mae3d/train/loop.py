@@ -69,8 +69,9 @@ _SIGNAL_NAMES = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
 class PretrainResult:
     """What a run did: ``status`` is "done", "interrupted" (Ctrl-C / SIGTERM: ``signal`` says
     which) or "time" (max_minutes); ``losses``: the training loss of each step of this call;
-    ``evals``: ``{"step": s, metric: value, ...}`` per evaluation of ``eval_fn``; ``out`` and
-    ``checkpoint`` are None without files."""
+    ``seconds``: the time since this call started after each of them, evaluations not counted
+    (the log's ``time`` column); ``evals``: ``{"step": s, metric: value, ...}`` per evaluation
+    of ``eval_fn``; ``out`` and ``checkpoint`` are None without files."""
 
     out: str | None
     start_step: int
@@ -80,6 +81,7 @@ class PretrainResult:
     losses: list[float] = field(default_factory=list)
     signal: int | None = None
     evals: list[dict[str, float]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
 
 class _StopRequest:
@@ -470,9 +472,9 @@ def _run(cfg: PretrainConfig, info: DistInfo, model: nn.Module, volumes: Any, re
                 done = step + 1
                 result.losses.append(res.loss)
                 result.step = done
+                result.seconds.append(time.perf_counter() - t_begin - evaluator.seconds)
                 with writing(logger.path):
-                    logger.log(step, res.loss, res.lr,
-                               time.perf_counter() - t_begin - evaluator.seconds, voxels / dt)
+                    logger.log(step, res.loss, res.lr, result.seconds[-1], voxels / dt)
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}", vox_s=f"{voxels / dt:.3g}")
                 if evaluator.due(done):
