@@ -1,13 +1,17 @@
 """mae3d: fused 3D kernels and models for masked-autoencoder pre-training of volumetric images.
 
 Importing the package registers the ``torch.ops.mae3d.*`` operators. It is cheap: it neither imports
-Triton nor initialises CUDA; GPU kernels are loaded on their first use, and ``create_model`` /
+Triton nor initialises CUDA; GPU kernels are loaded on their first use, the native CPU kernels
+(``mae3d._C``) now - a failed load is one ``ExtensionWarning`` - and ``create_model`` /
 ``list_models`` (from ``mae3d.train.registry``) import the models on first use.
 """
 
 from mae3d import masking, nn, ops, reference, sparse
+from mae3d._ext import native as _native
 from mae3d.ops import masked_norm, sparse_conv3d, window_attention3d
 from mae3d.sparse import sparsify
+
+_native()  # load mae3d._C now (milliseconds): a failed load warns once, here (ExtensionWarning)
 
 __version__ = "0.1.0"
 __all__ = [
