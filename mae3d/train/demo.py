@@ -34,12 +34,12 @@ __all__ = ["DEMO_SETTINGS", "run_demo"]
 
 # Per model: PretrainConfig fields of its demo run (data: MNI152, device: CPU).
 DEMO_SETTINGS: dict[str, dict[str, Any]] = {
-    "s3d": {"size": "tiny", "patch_size": 64, "spacing": 3.0, "batch_size": 1, "steps": 600,
-            "lr": 0.03, "model_overrides": {"block_size": 8}},
-    "bertswin": {"size": "tiny", "patch_size": 64, "spacing": 3.0, "batch_size": 1, "steps": 600,
-                 "lr": 1e-3, "model_overrides": {"patch_size": 8}},
-    "vitmae": {"size": "tiny", "patch_size": 64, "spacing": 3.0, "batch_size": 1, "steps": 600,
-               "lr": 1e-3, "model_overrides": {"patch_size": 8}},
+    "s3d": {"size": "tiny", "patch_size": 48, "spacing": 4.0, "batch_size": 1, "steps": 300,
+            "lr": 0.03, "model_overrides": {"block_size": 4}},
+    "bertswin": {"size": "tiny", "patch_size": 48, "spacing": 4.0, "batch_size": 1, "steps": 500,
+                 "lr": 3e-3, "model_overrides": {"patch_size": 4}},
+    "vitmae": {"size": "tiny", "patch_size": 48, "spacing": 4.0, "batch_size": 1, "steps": 500,
+               "lr": 3e-3, "model_overrides": {"patch_size": 4}},
 }
 _REFERENCE_STEPS = 32  # batches the mean-predictor reference averages over
 

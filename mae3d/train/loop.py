@@ -127,11 +127,12 @@ def pretrain(model: nn.Module, data: Any, *, out: str | None,
         of ``mae3d.models`` works (its checkpoints then load in Python only, not in the CLI).
     data: what ``--data`` takes ("mni152", a NIfTI folder / glob / file, comma-separated files),
         a ``mae3d.data`` volume set (``NiftiVolumeDataset``, ``ArrayVolumes``), or a list of
-        (D, H, W) arrays / tensors (preprocessed: z-scored, at the spacing to train at).
+        (D, H, W) arrays / tensors, or one (preprocessed: z-scored, at the spacing to train at).
     out: run folder (checkpoints/, log.csv, eval.jsonl), or None for no files at all (no
         checkpoints, so no resume; the losses are in the result).
-    recipe: "adamw" | "sgd" (``mae3d.train.RECIPE_NAMES``), a ``mae3d.optim.recipes.Recipe``, or
-        None = the model's default (S3D: sgd; BertsWin / ViT-MAE and other models: adamw).
+    recipe: "adamw" | "sgd" | "gcond" (``mae3d.train.RECIPE_NAMES``; gcond = the published
+        BertsWin run, ``mae3d.optim.published``), a ``mae3d.optim.recipes.Recipe``, or None = the
+        model's default (S3D: sgd; BertsWin / ViT-MAE and other models: adamw).
     eval_fn: called as ``eval_fn(model)`` in eval mode under ``torch.no_grad()`` at step 0, every
         ``eval_every`` steps (default: ``steps // 10``) and after the last step; returns a
         number or a dict of numbers, kept in ``result.evals`` (and appended to ``out/eval.jsonl``).
@@ -212,7 +213,9 @@ def _config_for(model: nn.Module, data: Any, out: str | None, recipe: str | Reci
 
 def _volumes(data: Any):
     """A volume set that ``mae3d.data.build_loader`` takes: the object itself when it is one,
-    else ``ArrayVolumes`` of a list of (D, H, W) arrays / tensors."""
+    else ``ArrayVolumes`` of a list of (D, H, W) arrays / tensors (or of one)."""
+    if hasattr(data, "ndim") and hasattr(data, "shape"):  # one array or tensor
+        data = [data]
     if hasattr(data, "__len__") and hasattr(data, "__getitem__") \
             and not isinstance(data, (list, tuple)):
         if len(data) == 0:

@@ -292,3 +292,40 @@ def test_reconstruction_figure_pastes_visible_cells_back(tmp_path, monkeypatch):
     monkeypatch.setattr(plt, "subplots", record)
     plots.plot_reconstruction(x, visible, recon, str(tmp_path / "r2.png"))
     assert ax_rows == [(4, 3)]  # input, masked input, reconstruction + visible, error
+
+
+def test_demo_writes_the_figures_with_the_reference_line(tmp_path, monkeypatch, capsys):
+    from mae3d.train import demo
+
+    small = {"size": "tiny", "patch_size": 16, "spacing": 8.0, "batch_size": 1, "steps": 2}
+    monkeypatch.setattr(
+        demo,
+        "DEMO_SETTINGS",
+        {
+            "s3d": {**small, "lr": 0.01, "model_overrides": {"block_size": 4}},
+            "bertswin": {**small, "lr": 1e-3, "model_overrides": {"patch_size": 4}},
+        },
+    )
+    monkeypatch.setattr(demo, "_REFERENCE_STEPS", 2)
+    refs = []
+    real = demo.plot_loss_curves
+
+    def spy(logs, png, smooth=10, reference=None, **kw):
+        refs.append(reference)
+        return real(logs, png, smooth, reference, **kw)
+
+    monkeypatch.setattr(demo, "plot_loss_curves", spy)
+    out = tmp_path / "demo"
+    files = demo.run_demo(str(out), minutes=5.0, progress=False)
+    assert set(files) == {"s3d", "bertswin"}
+    for name, f in files.items():
+        for key in ("loss_png", "reconstruction_png"):
+            assert open(f[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+        assert len(read_log(f["log"])) == 2
+    assert (out / "loss.png").exists()
+    # one reference per model plot, the same numbers on the combined plot; computed from data
+    assert all(isinstance(r, float) and r > 0 for r in refs[:2])
+    combined = refs[2]
+    values = set(combined.values()) if isinstance(combined, dict) else {combined}
+    assert values <= set(refs[:2])
+    assert "predicting each crop's mean scores" in capsys.readouterr().out
