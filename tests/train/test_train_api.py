@@ -318,7 +318,7 @@ def test_demo_writes_the_figures_with_the_reference_line(tmp_path, monkeypatch, 
     out = tmp_path / "demo"
     files = demo.run_demo(str(out), minutes=5.0, progress=False)
     assert set(files) == {"s3d", "bertswin"}
-    for name, f in files.items():
+    for f in files.values():
         for key in ("loss_png", "reconstruction_png"):
             assert open(f[key], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
         assert len(read_log(f["log"])) == 2
