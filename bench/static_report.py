@@ -1,0 +1,812 @@
+"""Static sm_90 report: what every Triton launch of the mae3d ops compiles to at production shapes,
+and how many device launches and how much host time each pass costs, on a machine without a GPU.
+
+    python bench/static_report.py --out bench/results/sm90-static.csv          # all cases
+    python bench/static_report.py --out FILE.csv --subset ci --jobs 2          # the CI subset
+
+Method (nothing runs on a device, nothing touches production-size data):
+
+* The public ops (``mae3d.ops.masked_norm`` ...) are called, forward and backward, on **meta
+  tensors** of the production shapes under ``use_backend("triton")``. Every op is host-sync free
+  with static shapes, so its launchers compute the same grids, strides and constexprs from meta
+  tensors as from CUDA tensors, and the torch glue between the kernels runs as meta ops: shape
+  inference only, no CPU compute. Two things are redirected for the duration of the report only
+  (``fake_gpu``): the mae3d custom ops' meta kernels run their real implementation instead of
+  their fake one, and the backend chooser accepts Triton for meta tensors.
+* Triton's active driver is replaced by a fake CUDA driver whose target is sm_<arch>, and every
+  ``JITFunction.run`` is made a warm-up run: Triton's own launch path binds the arguments,
+  specializes them (16-divisibility of pointers and ints, ints equal to 1) exactly as for a real
+  launch, compiles (TTIR .. PTX, ptxas to a cubin, all on the CPU) and returns before launching.
+  A meta tensor's ``data_ptr()`` is 0 plus its storage offset in bytes, so views (e.g. q, k, v
+  sliced out of one qkv tensor) keep the alignment a 512-byte-aligned CUDA allocation gives them.
+  Launch arguments that only the CPU interpreter uses (``UPCAST`` of bf16 dot operands, IEEE
+  fp32 convolutions) are set to what the launcher passes on a GPU (``gpu_variant``).
+* Per kernel, from the cubin: registers, stack, shared memory (``cuobjdump -res-usage``);
+  spill bytes = the bytes of the local-memory stores / loads (STL / LDL) in the SASS, which is
+  what ptxas reports as spill stores / loads for kernels without local arrays (Triton kernels
+  have none); wgmma (HGMMA) vs mma.sync (HMMA) instructions; global loads and stores by width
+  (LDG / STG / LDGSTS, 16 / 8 / 4 / 2 / 1 bytes), all static instruction counts. The tools are
+  the cuobjdump / nvdisasm that Triton ships in ``triton/backends/nvidia/bin``; without them the
+  PTX is parsed instead (``ld.global.v4`` ...) and ``sass_tool`` says "ptx".
+* Per op and pass: device launches = Triton launches + aten ops that would launch a CUDA kernel,
+  counted by a TorchDispatchMode on the meta device (views, allocations and other metadata-only
+  ops are not counted, nor ops on CPU tensors); host time per call = median wall time of the
+  pass on meta tensors with the Triton launches compiled once and then only bound, specialized
+  and looked up in the kernel cache. It therefore leaves out the driver launch itself (Triton's C
+  launcher and cuLaunchKernel, and the CUDA kernel launch of each aten op: a few microseconds
+  each on a real machine) and includes the meta kernels' shape inference; it is host (Python +
+  dispatcher) time on this machine, so it is noisy when the machine is loaded.
+
+Output: one CSV, rows of ``kind`` "op" (one per op, case and pass) and "kernel" (one per
+compiled kernel, case and pass), columns ``COLUMNS``. ``tests/test_static_budgets.py`` holds
+the budgets that CI enforces on these rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import csv
+import datetime
+import functools
+import math
+import os
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns without it
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script: python bench/static_report.py
+    sys.path.insert(0, str(REPO))
+
+COLUMNS = (
+    "kind",
+    "op",
+    "case",
+    "shape",
+    "dtype",
+    "pass",
+    "kernel",
+    "triton_launches",
+    "torch_launches",
+    "launches",
+    "host_ms",
+    "registers",
+    "spill_store_bytes",
+    "spill_load_bytes",
+    "stack_bytes",
+    "shared_bytes",
+    "num_warps",
+    "num_stages",
+    "dots",
+    "wgmma",
+    "mma_sync",
+    "ldg_128",
+    "ldg_64",
+    "ldg_32",
+    "ldg_16",
+    "ldg_8",
+    "ldgsts_128",
+    "ldgsts_narrow",
+    "stg_128",
+    "stg_64",
+    "stg_32",
+    "stg_16",
+    "stg_8",
+    "sass_tool",
+    "arch",
+    "triton_version",
+    "torch_version",
+    "git_sha",
+    "date",
+)
+
+
+# ------------------------------------------------------------------------------------------------
+# A fake sm_<arch> target: compile every launch, run none
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Launch:
+    kernel: str
+    compiled: object  # triton CompiledKernel (None when compiling is off)
+
+
+class _FakeCudaDriver:
+    """Just enough of Triton's CUDA driver for JITFunction.run to bind, specialize and compile."""
+
+    def __init__(self, arch: int):
+        from triton.backends.compiler import GPUTarget
+
+        self.target = GPUTarget("cuda", arch, 32)
+
+    def get_current_target(self):
+        return self.target
+
+    def get_current_device(self):
+        return 0
+
+    def get_current_stream(self, device=None):
+        return 0
+
+    def get_active_torch_device(self):
+        return torch.device("meta")
+
+    @staticmethod
+    def is_active():
+        return True
+
+
+_PRECISION_ARGS = ("PREC", "DOT_PRECISION")
+
+
+def gpu_variant(kwargs: dict) -> dict:
+    """The keyword arguments a GPU launch passes where a launcher that saw CPU (or meta) tensors
+    passed ``kwargs``: bf16 dot operands are upcast only for the CPU interpreter (``UPCAST``; a GPU
+    uses tensor-core dots) and fp32 convolutions use TF32 on a GPU (cuDNN's default, which the
+    sparse conv follows)."""
+    prec = next((n for n in _PRECISION_ARGS if n in kwargs), None)
+    upcast = kwargs.get("UPCAST") is True
+    acc = kwargs.get("ACC_DTYPE")
+    acc_name = getattr(acc, "name", None)
+    tf32_conv = kwargs.get("DOT_PRECISION") == "ieee" and acc_name == "fp32"
+    if not (upcast or tf32_conv):
+        return kwargs
+    out = dict(kwargs)
+    if upcast:
+        out["UPCAST"] = False
+    if prec:
+        out[prec] = "tf32"
+    return out
+
+
+def _mae3d_opdefs() -> list:
+    from torch._library.custom_ops import OPDEFS
+
+    import mae3d.ops  # noqa: F401  (registers the ops)
+
+    return [d for q, d in list(OPDEFS.items()) if q.startswith("mae3d::")]
+
+
+@contextlib.contextmanager
+def fake_gpu(
+    arch: int = 90, compile: bool = True, devices: tuple[str, ...] = ("meta",)
+) -> Iterator[list[Launch]]:
+    """Inside the block the mae3d ops run through their Triton launchers on tensors of
+    ``devices`` (meta; cpu for host timing), and each Triton launch takes Triton's own JIT path for
+    an sm_<arch> target: bind and specialize the arguments, look the kernel up in the cache, on a
+    miss compile it (with ``compile=False`` a placeholder is cached instead), never run it.
+    Yields the list of launches, appended to as they happen."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError(
+            "fake_gpu needs TRITON_INTERPRET unset: interpreted kernels do not "
+            "compile (run the report in a process without the interpreter)"
+        )
+    from triton.runtime.driver import driver
+    from triton.runtime.jit import JITFunction
+
+    import mae3d.ops._backend as backend
+
+    launches: list[Launch] = []
+    orig_run, orig_compile = JITFunction.run, JITFunction._do_compile
+    orig_avail = backend.availability
+    opdefs = _mae3d_opdefs()
+    saved_fakes = [d._abstract_fn for d in opdefs]
+    placed: list[tuple[dict, str]] = []
+
+    def run(self, *args, grid, warmup, **kwargs):
+        kernel = orig_run(self, *args, grid=grid, warmup=True, **gpu_variant(kwargs))
+        launches.append(Launch(self.fn.__name__, kernel if compile else None))
+        return kernel
+
+    def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+        if compile:
+            return orig_compile(self, key, signature, device, constexprs, options, attrs, warmup)
+        cache = self.device_caches[device][0]
+        kernel = cache[key] = _Placeholder(self.fn.__name__)
+        placed.append((cache, key))
+        return kernel
+
+    def availability(name, device_type, supported):
+        if name == "triton" and device_type in devices:
+            return None
+        return orig_avail(name, device_type, supported)
+
+    previous = driver._active  # None on a machine without a GPU driver: restored as it was
+    driver.set_active(_FakeCudaDriver(arch))
+    JITFunction.run, JITFunction._do_compile = run, do_compile
+    backend.availability = availability
+    for d in opdefs:  # the meta kernel of a custom op calls _abstract_fn
+        d._abstract_fn = d._init_fn
+    try:
+        yield launches
+    finally:
+        for cache, key in placed:
+            cache.pop(key, None)
+        for d, fake in zip(opdefs, saved_fakes):
+            d._abstract_fn = fake
+        backend.availability = orig_avail
+        JITFunction.run, JITFunction._do_compile = orig_run, orig_compile
+        driver._active = previous
+
+
+@dataclass
+class _Placeholder:
+    """Cached in place of a compiled kernel when only launches are counted or timed."""
+
+    name: str
+
+
+# ------------------------------------------------------------------------------------------------
+# Device launches of torch ops
+# ------------------------------------------------------------------------------------------------
+_NO_KERNEL = {  # aten ops that allocate or only touch metadata: no kernel launch on CUDA
+    "empty",
+    "empty_like",
+    "empty_strided",
+    "new_empty",
+    "new_empty_strided",
+    "detach",
+    "alias",
+    "lift_fresh",
+    "_unsafe_view",
+    "_reshape_alias",
+    "set_",
+    "resize_",
+    "as_strided",
+    "sym_size",
+    "sym_stride",
+    "sym_numel",
+    "sym_storage_offset",
+    "is_contiguous",
+    "size",
+    "stride",
+    "_local_scalar_dense",
+    "item",
+    "detach_",
+    "result_type",
+    "is_same_size",
+    "is_nonzero",
+}
+
+
+def _on_device(tree, device: str) -> bool:
+    from torch.utils._pytree import tree_leaves
+
+    return any(isinstance(t, torch.Tensor) and t.device.type == device for t in tree_leaves(tree))
+
+
+class LaunchCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops that would launch a device kernel (see ``_NO_KERNEL``); the mae3d ops
+    themselves are not counted, the ops inside their implementation are."""
+
+    def __init__(self, device: str = "meta"):
+        super().__init__()
+        self.device = device
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        ns = func.namespace
+        if ns == "mae3d":  # count inside the op's implementation (run directly: no re-dispatch)
+            from torch._library.custom_ops import OPDEFS
+
+            with self:
+                return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
+        out = func(*args, **kwargs)
+        name = func._schema.name.split("::")[-1]
+        if (
+            ns == "aten"
+            and not func.is_view
+            and name not in _NO_KERNEL
+            and _on_device((args, kwargs, out), self.device)
+        ):
+            self.ops.append(str(func.overloadpacket.__name__))
+        return out
+
+
+# ------------------------------------------------------------------------------------------------
+# What a cubin holds
+# ------------------------------------------------------------------------------------------------
+@functools.cache
+def _nvidia_tool(name: str) -> str | None:
+    import triton
+
+    p = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(p) if p.exists() else shutil.which(name)
+
+
+def _width(tokens: list[str]) -> int:
+    for t, w in (
+        ("128", 16),
+        ("64", 8),
+        ("U16", 2),
+        ("S16", 2),
+        ("16", 2),
+        ("U8", 1),
+        ("S8", 1),
+        ("8", 1),
+    ):
+        if t in tokens:
+            return w
+    return 4
+
+
+_WIDTH_NAMES = {16: "128", 8: "64", 4: "32", 2: "16", 1: "8"}
+
+
+def sass_counts(sass: str) -> dict[str, int]:
+    """Static counts of the SASS of one kernel: HGMMA, HMMA, LDG/STG/LDGSTS by width, STL/LDL
+    bytes."""
+    c = dict.fromkeys(
+        (
+            "wgmma",
+            "mma_sync",
+            "spill_store_bytes",
+            "spill_load_bytes",
+            "ldgsts_128",
+            "ldgsts_narrow",
+        ),
+        0,
+    )
+    for w in _WIDTH_NAMES.values():
+        c[f"ldg_{w}"] = c[f"stg_{w}"] = 0
+    for line in sass.splitlines():
+        m = re.search(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)", line)
+        if not m:
+            continue
+        tokens = m.group(1).split(".")
+        op = tokens[0]
+        if op == "HGMMA":
+            c["wgmma"] += 1
+        elif op == "HMMA":
+            c["mma_sync"] += 1
+        elif op == "LDG":
+            c[f"ldg_{_WIDTH_NAMES[_width(tokens[1:])]}"] += 1
+        elif op == "STG":
+            c[f"stg_{_WIDTH_NAMES[_width(tokens[1:])]}"] += 1
+        elif op == "LDGSTS":
+            c["ldgsts_128" if _width(tokens[1:]) == 16 else "ldgsts_narrow"] += 1
+        elif op == "STL":
+            c["spill_store_bytes"] += _width(tokens[1:])
+        elif op == "LDL":
+            c["spill_load_bytes"] += _width(tokens[1:])
+    return c
+
+
+_PTX_WIDTH = {
+    "v4.b32": 16,
+    "v4.f32": 16,
+    "v2.b64": 16,
+    "v2.b32": 8,
+    "v2.f32": 8,
+    "b64": 8,
+    "v4.b16": 8,
+    "b32": 4,
+    "f32": 4,
+    "v2.b16": 4,
+    "b16": 2,
+    "u16": 2,
+    "b8": 1,
+    "u8": 1,
+}
+
+
+def ptx_counts(ptx: str) -> dict[str, int]:
+    """The same counts from PTX when no SASS tool is there: ld/st.global by vector width,
+    cp.async, wgmma.mma_async vs mma.sync, local-memory stores/loads."""
+    c = sass_counts("")
+    for m in re.finditer(
+        r"\b(ld|st)\.global(?:\.[a-z0-9:_]+)*?\.((?:v[24]\.)?[bfu](?:8|16|32|64))", ptx
+    ):
+        w = _PTX_WIDTH.get(m.group(2), 4)
+        c[f"{'ldg' if m.group(1) == 'ld' else 'stg'}_{_WIDTH_NAMES[w]}"] += 1
+    for m in re.finditer(
+        r"\bcp\.async\.c[ag]\.shared\.global(?:\.\w+)*\s+\[[^\]]+\],\s*\[[^\]]+\],"
+        r"\s*(\d+)",
+        ptx,
+    ):
+        c["ldgsts_128" if m.group(1) == "16" else "ldgsts_narrow"] += 1
+    c["wgmma"] = len(re.findall(r"\bwgmma\.mma_async", ptx))
+    c["mma_sync"] = len(re.findall(r"\bmma\.sync", ptx))
+    for m in re.finditer(r"\b(st|ld)\.local(?:\.v([24]))?\.[bfu](8|16|32|64)", ptx):
+        n = int(m.group(2) or 1) * int(m.group(3)) // 8
+        c["spill_store_bytes" if m.group(1) == "st" else "spill_load_bytes"] += n
+    return c
+
+
+def analyze(kernel) -> dict:
+    """Resource usage and instruction counts of a compiled Triton kernel (CompiledKernel)."""
+    md = kernel.metadata
+    row = {
+        "num_warps": md.num_warps,
+        "num_stages": md.num_stages,
+        "shared_bytes": md.shared,
+        "dots": len(re.findall(r"\btt\.dot\b", kernel.asm.get("ttir", ""))),
+    }
+    cuobjdump = _nvidia_tool("cuobjdump")
+    if cuobjdump is None:
+        row.update(ptx_counts(kernel.asm["ptx"]), sass_tool="ptx", registers="", stack_bytes="")
+        return row
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        res = subprocess.run(
+            [cuobjdump, "-res-usage", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+        sass = subprocess.run(
+            [cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True
+        ).stdout
+    usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res))
+    row.update(
+        sass_counts(sass),
+        sass_tool="cuobjdump",
+        registers=int(usage.get("REG", 0)),
+        stack_bytes=int(usage.get("STACK", 0)),
+    )
+    return row
+
+
+# ------------------------------------------------------------------------------------------------
+# Production cases
+# ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Case:
+    """One production call of an op. ``build(device, proxy)`` returns (forward callable, the
+    leaves to differentiate): at the production shape, or (``proxy``) at a small shape that takes
+    the same host path (same launches) for timing the host side on CPU tensors."""
+
+    op: str
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    build: Callable[[str, bool], tuple[Callable[[], torch.Tensor], list[torch.Tensor]]] = field(
+        compare=False, repr=False
+    )
+    ci: bool = False  # in the CI subset (compiled there)
+
+
+def _t(shape, device, dtype=torch.bfloat16, grad=False) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    if device != "meta" and not dtype.is_floating_point:
+        t.zero_()  # masks: defined values (the host path never reads them)
+    return t.requires_grad_(grad)
+
+
+def _masked_norm_case(mode: str, shape: tuple[int, ...]):
+    def build(device, proxy):
+        from mae3d.ops import masked_norm
+
+        B, C, *sp = shape if not proxy else (*shape[:2], 10, 10, 10)
+        x = _t((B, C, *sp), device, grad=True)
+        mask = _t((B, 1, *sp), device, torch.bool)  # upsample_block_mask's layout
+        w, b = _t(C, device, torch.float32, True), _t(C, device, torch.float32, True)
+        run = (
+            {}
+            if mode == "instance"
+            # SparK: BatchNorm3d with running statistics
+            else dict(
+                running_mean=_t(C, device, torch.float32), running_var=_t(C, device, torch.float32)
+            )
+        )
+        fwd = functools.partial(masked_norm, x, mask, w, b, mode=mode, negative_slope=0.01, **run)
+        return fwd, [x, w, b]
+
+    return build
+
+
+def _window_attention_case(batch: int, shift: int):
+    def build(device, proxy):
+        from mae3d.ops import window_attention3d
+
+        B, grid, heads, hd = (1, 7, 1, 16) if proxy else (batch, 14, 12, 64)
+        qkv = _t((B, grid, grid, grid, 3, heads, hd), device, grad=True)  # the qkv linear
+        table = _t((2197, heads), device, torch.float32, True)  # float32 parameter (autocast)
+        q, k, v = qkv.unbind(4)
+        fwd = functools.partial(window_attention3d, q, k, v, (7, 7, 7), (shift,) * 3, table)
+        return fwd, [qkv, table]
+
+    return build
+
+
+def _sparse_conv_case(cin: int, cout: int, size: int, block: int, stride: int):
+    def build(device, proxy):
+        from mae3d.ops import sparse_conv3d
+
+        B, ci, co, n, bs = (1, 2, 2, 4, 4) if proxy else (2, cin, cout, size, block)
+        x = _t((B, ci, n, n, n), device, grad=True)
+        w = _t((co, ci, 3, 3, 3), device, grad=True)  # autocast: bf16 weight and bias
+        b = _t(co, device, grad=True)
+        g = n // bs
+        bm = _t((B, g, g, g), device, torch.bool)
+        fwd = functools.partial(sparse_conv3d, x, w, b, bm, bs, stride, 1)
+        return fwd, [x, w, b]
+
+    return build
+
+
+def _token_grid_case():
+    def build(device, proxy):
+        from mae3d.models.bertswin import sincos_pos_embed_3d
+        from mae3d.ops import assemble_token_grid
+
+        B, grid, C = (1, (2, 2, 2), 6) if proxy else (2, (14, 14, 14), 768)
+        n_vis = round(0.25 * math.prod(grid))
+        vis = _t((B, n_vis, C), device, grad=True)
+        mask = _t((B, *grid), device, torch.bool)
+        tok = _t((1, 1, C), device, torch.float32, True)
+        pos = sincos_pos_embed_3d(C, grid).to(device)  # a buffer: no gradient
+        return functools.partial(assemble_token_grid, vis, mask, tok, pos), [vis, tok]
+
+    return build
+
+
+STAGES = (
+    (2, 32, 160, 160, 160),
+    (2, 64, 80, 80, 80),
+    (2, 128, 40, 40, 40),
+    (2, 256, 20, 20, 20),
+    (2, 320, 10, 10, 10),
+)  # ResEnc-L, 160^3 patch, batch 2
+
+
+def _sc(ci, name, cin, cout, size, block, stride):
+    return Case(
+        "sparse_conv3d",
+        name,
+        (2, cin, size, size, size),
+        torch.bfloat16,
+        _sparse_conv_case(cin, cout, size, block, stride),
+        ci,
+    )
+
+
+CASES: tuple[Case, ...] = (
+    *(
+        Case(
+            "masked_norm",
+            mode,
+            s,
+            torch.bfloat16,
+            _masked_norm_case(mode, s),
+            ci=s in (STAGES[0], STAGES[-1]),
+        )
+        for mode in ("instance", "batch")
+        for s in STAGES
+    ),
+    *(
+        Case(
+            "window_attention3d",
+            f"bertswin-b{b}-s{s}",
+            (b, 14, 14, 14, 12, 64),
+            torch.bfloat16,
+            _window_attention_case(b, s),
+            ci=(b, s) == (2, 3),
+        )
+        for b in (2, 8)
+        for s in (0, 3)
+    ),
+    _sc(True, "32-32k3s1-b16", 32, 32, 160, 16, 1),
+    _sc(True, "64-64k3s1-b8", 64, 64, 80, 8, 1),
+    _sc(True, "32-64k3s2-b16", 32, 64, 160, 16, 2),
+    Case(
+        "assemble_token_grid",
+        "bertswin-b2",
+        (2, 14, 14, 14, 768),
+        torch.bfloat16,
+        _token_grid_case(),
+        ci=True,
+    ),
+)
+OPS = tuple(dict.fromkeys(c.op for c in CASES))
+
+
+# ------------------------------------------------------------------------------------------------
+# Running a case
+# ------------------------------------------------------------------------------------------------
+def _count(fwd, leaves, launches: list, device: str):
+    """(output, forward Triton launches, forward aten launches, backward ones) of one pass."""
+    with LaunchCounter(device) as aten_fwd:
+        y = fwd()
+    tl_fwd = list(launches)
+    gy = torch.empty_like(y)
+    launches.clear()
+    with LaunchCounter(device) as aten_bwd:
+        torch.autograd.grad(y, leaves, gy, retain_graph=True)
+    tl_bwd = list(launches)
+    launches.clear()
+    return y, gy, {"fwd": (tl_fwd, aten_fwd.ops), "bwd": (tl_bwd, aten_bwd.ops)}
+
+
+def _passes(case: Case, compile: bool, arch: int, reps: int) -> list[dict]:
+    """Rows of one case: per pass an "op" row (+ "kernel" rows when compiling)."""
+    from mae3d.ops import use_backend
+
+    with fake_gpu(arch, compile) as launches, use_backend("triton"):
+        fwd, leaves = case.build("meta", False)
+        _, _, counts = _count(fwd, leaves, launches, "meta")
+    host = {"fwd": "", "bwd": ""}
+    if reps:
+        # host time: CPU tensors of the proxy shape, launches bound + looked up, not compiled
+        with fake_gpu(arch, False, ("cpu",)) as launches, use_backend("triton"):
+            fwd, leaves = case.build("cpu", True)
+            y, gy, proxy = _count(fwd, leaves, launches, "cpu")
+            for name in ("fwd", "bwd"):
+                got = [len(proxy[name][0]), len(proxy[name][1])]
+                want = [len(counts[name][0]), len(counts[name][1])]
+                if got != want:
+                    raise RuntimeError(
+                        f"{case.op} {case.name} {name}: the host-time proxy makes "
+                        f"{got} (Triton, torch) launches, production {want}"
+                    )
+            host["fwd"] = _median_ms(fwd, reps)
+            host["bwd"] = _median_ms(
+                lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True), reps
+            )
+    rows = []
+    for name, (tl_launches, aten) in counts.items():
+        base = {
+            "op": case.op,
+            "case": case.name,
+            "shape": "x".join(map(str, case.shape)),
+            "dtype": str(case.dtype).removeprefix("torch."),
+            "pass": name,
+        }
+        rows.append(
+            {
+                **base,
+                "kind": "op",
+                "triton_launches": len(tl_launches),
+                "torch_launches": len(aten),
+                "launches": len(tl_launches) + len(aten),
+                "host_ms": host[name] if host[name] == "" else f"{host[name]:.4f}",
+                "kernel": " ".join(sorted(set(aten))),
+            }
+        )
+        if compile:
+            seen = set()
+            for launch in tl_launches:
+                key = (launch.kernel, launch.compiled.hash)
+                if key in seen:
+                    continue
+                seen.add(key)
+                rows.append(
+                    {**base, "kind": "kernel", "kernel": launch.kernel, **analyze(launch.compiled)}
+                )
+    return rows
+
+
+def _median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, blocks: int = 5) -> float:
+    """Host ms per call: the least of ``blocks`` medians of ``reps`` timed calls each (other
+    processes' load only ever adds time, so the quietest block is the best estimate)."""
+    for _ in range(warmup):
+        fn()
+    medians = []
+    for _ in range(blocks):
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        medians.append(statistics.median(times))
+    return 1e3 * min(medians)
+
+
+def run_case(job: tuple[str, str, bool, int, int]) -> list[dict]:
+    """(op, case name, compile, arch, reps) -> rows; a process-pool entry point."""
+    op, name, compile, arch, reps = job
+    case = next(c for c in CASES if (c.op, c.name) == (op, name))
+    return _passes(case, compile, arch, reps)
+
+
+def _git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=REPO,
+            text=True,
+            capture_output=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
+
+
+def report(
+    cases: list[Case], compile: bool = True, arch: int = 90, reps: int = 20, jobs: int = 1
+) -> list[dict]:
+    """Rows for ``cases`` (see COLUMNS), computed in ``jobs`` processes."""
+    work = [(c.op, c.name, compile, arch, reps) for c in cases]
+    if jobs > 1 and len(work) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        # compile-heavy cases first, so the pool does not end on one long job
+        order = sorted(range(len(work)), key=lambda i: cases[i].op != "window_attention3d")
+        with ProcessPoolExecutor(jobs, mp_context=mp.get_context("spawn")) as pool:
+            done = dict(zip(order, pool.map(run_case, [work[i] for i in order])))
+        results = [done[i] for i in range(len(work))]
+    else:
+        results = [run_case(w) for w in work]
+    import triton
+
+    common = {
+        "arch": f"sm_{arch}",
+        "triton_version": triton.__version__,
+        "torch_version": torch.__version__,
+        "git_sha": _git_sha(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return [{**{k: "" for k in COLUMNS}, **r, **common} for rows in results for r in rows]
+
+
+def write_csv(path: Path, rows: list[dict], append: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not (append and path.exists() and path.stat().st_size)
+    with open(path, "a" if not new else "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=COLUMNS)
+        if new:
+            w.writeheader()
+        w.writerows(rows)
+
+
+def select(ops: tuple[str, ...] | None = None, subset: str = "all") -> list[Case]:
+    return [c for c in CASES if (ops is None or c.op in ops) and (subset == "all" or c.ci)]
+
+
+def summary(rows: list[dict]) -> str:
+    """A short text table: per op pass the launches and host time, per kernel the resources."""
+    lines = []
+    for r in rows:
+        if r["kind"] == "op":
+            lines.append(
+                f"{r['op']:<20} {r['case']:<16} {r['pass']:<4} launches "
+                f"{r['launches']:>3} (triton {r['triton_launches']}, torch "
+                f"{r['torch_launches']})  host {r['host_ms'] or '-'} ms"
+            )
+        else:
+            lines.append(
+                f"    {r['kernel']:<40} reg {r['registers']:>3} spill "
+                f"{r['spill_store_bytes']:>4}/{r['spill_load_bytes']:<4} smem "
+                f"{r['shared_bytes']:>6} w{r['num_warps']} s{r['num_stages']} "
+                f"wgmma {r['wgmma']} mma {r['mma_sync']} ldg128 {r['ldg_128']} "
+                f"ldg16 {r['ldg_16']} stg128 {r['stg_128']} stg16 {r['stg_16']}"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="CSV path (overwritten)")
+    p.add_argument("--append", action="store_true", help="append to --out instead")
+    p.add_argument("--ops", help=f"comma list of {', '.join(OPS)} (default: all)")
+    p.add_argument("--subset", choices=("all", "ci"), default="all")
+    p.add_argument("--arch", type=int, default=90, help="CUDA compute capability (default 90)")
+    p.add_argument("--no-compile", action="store_true", help="launch counts and host time only")
+    p.add_argument("--reps", type=int, default=20, help="host-time repetitions (0: none)")
+    p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1))
+    a = p.parse_args(argv)
+    ops = tuple(s.strip() for s in a.ops.split(",")) if a.ops else None
+    if ops and (bad := [o for o in ops if o not in OPS]):
+        p.error(f"--ops: unknown {bad}; choose from {', '.join(OPS)}")
+    t0 = time.time()
+    rows = report(select(ops, a.subset), not a.no_compile, a.arch, a.reps, a.jobs)
+    write_csv(a.out, rows, a.append)
+    print(summary(rows))
+    print(f"\n{len(rows)} rows written to {a.out} in {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
