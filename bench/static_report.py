@@ -29,13 +29,20 @@ Method (nothing runs on a device, nothing touches production-size data):
   the cuobjdump / nvdisasm that Triton ships in ``triton/backends/nvidia/bin``; without them the
   PTX is parsed instead (``ld.global.v4`` ...) and ``sass_tool`` says "ptx".
 * Per op and pass: device launches = Triton launches + aten ops that would launch a CUDA kernel,
-  counted by a TorchDispatchMode on the meta device (views, allocations and other metadata-only
-  ops are not counted, nor ops on CPU tensors); host time per call = median wall time of the
-  pass on meta tensors with the Triton launches compiled once and then only bound, specialized
-  and looked up in the kernel cache. It therefore leaves out the driver launch itself (Triton's C
-  launcher and cuLaunchKernel, and the CUDA kernel launch of each aten op: a few microseconds
-  each on a real machine) and includes the meta kernels' shape inference; it is host (Python +
-  dispatcher) time on this machine, so it is noisy when the machine is loaded.
+  counted by a TorchDispatchMode on the meta device at the production shape (views, allocations
+  and other metadata-only ops are not counted, nor ops on CPU tensors such as the host-side
+  rounding of a scalar).
+* Host time per call (``host_ms``): meta tensors are no good for it (many aten meta kernels are
+  Python decompositions, 10-100x the C++ dispatch of a CUDA op), so the pass runs again on CPU
+  tensors of a tiny *proxy* shape (``Case.build(device, proxy=True)``: same B and C for masked
+  norm at 10^3, a 7^3 single-head window grid, 4^3 two-channel convs, a 2^3 token grid) that
+  takes the same host path - the same Triton launches and aten ops, checked against the
+  production counts - while its aten ops cost a few microseconds of CPU compute each, about
+  what a CUDA launch costs the host. Triton's launch path binds, specializes and looks up each
+  launch as for a real one (a placeholder is cached instead of compiling), and returns before
+  the driver call. So host_ms leaves out Triton's C launcher + cuLaunchKernel (a few us per
+  launch); it is the least of 5 medians of ``--reps`` calls (other processes only add time),
+  wall time on this machine, noisy when it is loaded.
 
 Output: one CSV, rows of ``kind`` "op" (one per op, case and pass) and "kernel" (one per
 compiled kernel, case and pass), columns ``COLUMNS``. ``tests/test_static_budgets.py`` holds
@@ -575,7 +582,7 @@ CASES: tuple[Case, ...] = (
     *(
         Case(
             "masked_norm",
-            mode,
+            f"{mode}-{s[1]}x{s[2]}^3",
             s,
             torch.bfloat16,
             _masked_norm_case(mode, s),
@@ -636,7 +643,11 @@ def _passes(case: Case, compile: bool, arch: int, reps: int) -> list[dict]:
         fwd, leaves = case.build("meta", False)
         _, _, counts = _count(fwd, leaves, launches, "meta")
     host = {"fwd": "", "bwd": ""}
+    threads = torch.get_num_threads()
     if reps:
+        # one thread: the host path is measured, not CPU compute (and intra-op threads on a
+        # loaded machine wait for each other for milliseconds)
+        torch.set_num_threads(1)
         # host time: CPU tensors of the proxy shape, launches bound + looked up, not compiled
         with fake_gpu(arch, False, ("cpu",)) as launches, use_backend("triton"):
             fwd, leaves = case.build("cpu", True)
@@ -653,6 +664,7 @@ def _passes(case: Case, compile: bool, arch: int, reps: int) -> list[dict]:
             host["bwd"] = _median_ms(
                 lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True), reps
             )
+        torch.set_num_threads(threads)
     rows = []
     for name, (tl_launches, aten) in counts.items():
         base = {

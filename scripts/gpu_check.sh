@@ -119,7 +119,7 @@ if [ $tiny = 1 ]; then
     design_args=(--tiny --reps 1)
     s3d_args=(--quick --config tiny --ratios 0.75 --providers mae3d,nnssl_eager --min-run-time 0.05)
     bw_args=(--quick --cases tiny --providers mae3d,eager --min-run-time 0.05)
-    pytest_args=(tests/test_package.py)
+    pytest_args=(tests/test_gpu_tables.py)
 else
     mn_args=(--mode instance --shapes 2x32x160x160x160,2x128x40x40x40,2x320x10x10x10
              --providers mae3d,nnssl_gather,eager_formula,compiled_formula --passes fwd+bwd

@@ -25,20 +25,23 @@ pytestmark = [pytest.mark.triton]
 
 REPO = Path(__file__).resolve().parents[1]
 
-# kernel -> (spill store bytes, spill load bytes) at the production shapes, sm_90, measured with
-# Triton ALLOWANCE_TRITON (the tightness check runs only under that version: codegen differs).
+# "kernel@case" -> (spill store bytes, spill load bytes) at the production shapes on sm_90, as
+# measured with Triton ALLOWANCE_TRITON (the tightness check runs only under that version: codegen
+# differs between versions). The kernel issues remove these; lower them as they do.
 ALLOWANCE_TRITON = "3.9.0"
-# Issue 17 (window attention at FlashAttention class) removes these; lower them as it does.
 SPILL_ALLOWANCE = {
-    "_window_attention3d_bwd_dq_kernel": (848, 872),  # issue 17
-    "_window_attention3d_bwd_dkdv_kernel": (128, 140),  # issue 17
+    "_window_attention3d_bwd_dq_kernel@bertswin-b2-s3": (848, 872),  # issue 17
+    "_window_attention3d_bwd_dkdv_kernel@bertswin-b2-s3": (128, 140),  # issue 17
+    "_sparse_conv3d_fwd_kernel@32-64k3s2-b16": (28, 164),  # issue 16
+    "_sparse_conv3d_dgrad_kernel@32-64k3s2-b16": (940, 3356),  # issue 16
+    "_sparse_conv3d_wgrad_kernel@64-64k3s1-b8": (164, 148),  # issue 16
 }
 # kernels whose tl.dot still compiles to mma.sync instead of wgmma on sm_90
 MMA_SYNC_ALLOWANCE = {
     "_sparse_conv3d_wgrad_kernel",  # issue 16 (sparse conv faster than cuDNN)
 }
-# (op, case or "*") -> most device launches per (forward, backward) pass; today's counts.
-# Issues 15 / 16 / 17 tighten their op's line.
+# (op, case name up to its first "-", or "*") -> most device launches per (forward, backward)
+# pass: today's counts. Issues 15 / 16 / 17 tighten their op's line.
 LAUNCH_BUDGET = {
     ("masked_norm", "instance"): (21, 20),  # issue 15: 2 Triton kernels + 19 / 18 torch ops
     ("masked_norm", "batch"): (49, 22),  # issue 15: + the running-statistics update
@@ -95,10 +98,14 @@ def passes(tmp_path_factory) -> list[dict]:
     return [r for r in rows if r["kind"] == "op"]
 
 
-def _by_kernel(rows: list[dict], column: str) -> dict[str, int]:
-    out: dict[str, int] = {}
+def _spills(rows: list[dict]) -> dict[str, tuple[int, int]]:
+    """kernel@case -> (spill store bytes, spill load bytes), the larger of its passes."""
+    out: dict[str, tuple[int, int]] = {}
     for r in rows:
-        out[r["kernel"]] = max(out.get(r["kernel"], 0), int(r[column] or 0))
+        key = f"{r['kernel']}@{r['case']}"
+        got = (int(r["spill_store_bytes"]), int(r["spill_load_bytes"]))
+        old = out.get(key, (0, 0))
+        out[key] = (max(old[0], got[0]), max(old[1], got[1]))
     return out
 
 
@@ -111,18 +118,12 @@ def test_every_kernel_of_every_op_was_compiled(kernels):
 
 
 def test_no_new_register_spills(kernels):
-    stores = _by_kernel(kernels, "spill_store_bytes")
-    loads = _by_kernel(kernels, "spill_load_bytes")
     over = {
-        k: (stores[k], loads[k])
-        for k in stores
-        if (stores[k], loads[k]) > (0, 0)
-        and (
-            stores[k] > SPILL_ALLOWANCE.get(k, (0, 0))[0]
-            or loads[k] > SPILL_ALLOWANCE.get(k, (0, 0))[1]
-        )
+        k: (got, SPILL_ALLOWANCE.get(k, (0, 0)))
+        for k, got in _spills(kernels).items()
+        if got[0] > SPILL_ALLOWANCE.get(k, (0, 0))[0] or got[1] > SPILL_ALLOWANCE.get(k, (0, 0))[1]
     }
-    assert not over, f"kernels spill (store, load bytes) beyond their allowance: {over}"
+    assert not over, f"kernels spill more (store, load bytes) than allowed (allowance): {over}"
 
 
 def test_spill_allowances_are_tight(kernels):
@@ -132,19 +133,17 @@ def test_spill_allowances_are_tight(kernels):
         pytest.skip(
             f"allowances were measured with Triton {ALLOWANCE_TRITON}, not {triton.__version__}"
         )
-    stores = _by_kernel(kernels, "spill_store_bytes")
-    loads = _by_kernel(kernels, "spill_load_bytes")
+    spills = _spills(kernels)
     loose = {
-        k: (allowed, (stores.get(k), loads.get(k)))
+        k: (allowed, spills.get(k))
         for k, allowed in SPILL_ALLOWANCE.items()
-        if (stores.get(k), loads.get(k)) != allowed
+        if spills.get(k) != allowed
     }
-    assert not loose, f"lower SPILL_ALLOWANCE to what the kernels spill now: {loose}"
+    assert not loose, f"lower SPILL_ALLOWANCE (allowed, now) to what the kernels spill: {loose}"
 
 
 def test_dot_kernels_use_wgmma(kernels):
-    dots, wgmma = _by_kernel(kernels, "dots"), _by_kernel(kernels, "wgmma")
-    missing = {k for k in dots if dots[k] > 0 and wgmma[k] == 0}
+    missing = {r["kernel"] for r in kernels if int(r["dots"]) > 0 and int(r["wgmma"]) == 0}
     assert missing <= MMA_SYNC_ALLOWANCE, f"tl.dot without wgmma: {sorted(missing)}"
     stale = MMA_SYNC_ALLOWANCE - missing
     assert not stale, f"these kernels use wgmma now: remove them from MMA_SYNC_ALLOWANCE {stale}"
@@ -154,7 +153,8 @@ def test_launches_per_pass_within_budget(passes):
     assert {r["op"] for r in passes} == {op for op, _ in LAUNCH_BUDGET}
     over = []
     for r in passes:
-        budget = LAUNCH_BUDGET.get((r["op"], r["case"])) or LAUNCH_BUDGET[(r["op"], "*")]
+        group = r["case"].split("-")[0]
+        budget = LAUNCH_BUDGET.get((r["op"], group)) or LAUNCH_BUDGET[(r["op"], "*")]
         limit = budget[0 if r["pass"] == "fwd" else 1]
         if int(r["launches"]) > limit:
             over.append(
