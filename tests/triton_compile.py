@@ -4,7 +4,7 @@ The Triton interpreter (how CI runs the kernels) accepts code that the GPU compi
 global that is not a ``tl.constexpr``, a ``tl.dot`` whose accumulator dtype differs from its
 ``out_dtype``, a block too small for the tensor cores. ``python tests/triton_compile.py [ARCH]``
 closes that gap: in a process *without* the interpreter it runs small forward + backward passes
-of every op (several dtypes and layouts) on meta tensors inside ``bench/static_report.fake_gpu``,
+of every op (several dtypes and layouts) on meta tensors inside ``bench/sm90.fake_gpu``,
 so each launch goes through Triton's own JIT path for an sm_ARCH target (default 90, Hopper):
 the launch arguments are specialized as on a GPU (16-divisibility of pointers and ints, ints
 equal to 1), then compiled through TTIR, TTGIR, LLVM IR, PTX and ptxas to a cubin, all on the
@@ -23,7 +23,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 import torch  # noqa: E402
 from mae3d_testing import voxel_mask  # noqa: E402
 
-from bench.static_report import fake_gpu  # noqa: E402
+from bench.sm90 import fake_gpu  # noqa: E402
 from mae3d.masking import random_block_mask  # noqa: E402
 from mae3d.ops import use_backend  # noqa: E402
 
