@@ -75,8 +75,14 @@ REDUCED = (("embed_dim", 192), ("depth", 2), ("num_heads", 3), ("stem_base_dim",
 # to the published model's (its encoder is ~97% of the forward FLOPs), where depth 2 leaves the
 # stem and the decoder to dominate.
 REDUCED_D12 = tuple((k, 12 if k == "depth" else v) for k, v in REDUCED)
+# the CPU dry run of scripts/gpu_check.sh: the smallest model that takes every code path
+TINY = (("embed_dim", 12), ("depth", 2), ("num_heads", 1), ("window_size", 2),
+        ("stem_base_dim", 4), ("decoder_embed_dim", 8))
 CPU_CASES = (Case("small", 1, 64, 16, SMALL), Case("reduced-224", 1, 224, 16, REDUCED),
              Case("reduced-224-d12", 1, 224, 16, REDUCED_D12))
+
+
+TINY_CASES = (Case("tiny", 1, 32, 16, TINY),)
 
 
 def build(provider: str, case: Case, device: torch.device) -> torch.nn.Module | None:
@@ -183,7 +189,8 @@ def build_config(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
     p.add_argument("--quick", action="store_true", help="the small configuration, short timing")
-    p.add_argument("--cases", type=H.parse_list(tuple(c.name for c in (*GPU_CASES, *CPU_CASES))),
+    p.add_argument("--cases", type=H.parse_list(tuple(c.name for c in (*GPU_CASES, *CPU_CASES,
+                                                                       *TINY_CASES))),
                    help="comma list of case names (default: the device's cases)")
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
@@ -193,7 +200,8 @@ def build_config(argv: list[str] | None = None):
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = dict(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],
-               cases=tuple(c for c in (*GPU_CASES, *CPU_CASES) if c.name in a.cases) if a.cases
+               cases=tuple(c for c in (*GPU_CASES, *CPU_CASES, *TINY_CASES) if c.name in a.cases)
+               if a.cases
                else CPU_CASES[:1] if a.quick else (GPU_CASES if gpu else CPU_CASES),
                providers=providers,
                timing=timing)

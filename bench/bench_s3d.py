@@ -62,6 +62,8 @@ CONFIGS = {  # name: (ResEncUNet overrides, input edge, batch, block size)
     "resenc-l-w4": ({"features": [8, 16, 32, 64, 80, 80]}, 64, 2, 16),
     "quick": ({"features": [4, 8, 16, 32, 32], "blocks": [1, 2, 2, 2, 2],
                "strides": [1, 2, 2, 2, 2]}, 32, 2, 8),
+    # the CPU dry run of scripts/gpu_check.sh
+    "tiny": ({"features": [2, 4, 4], "blocks": [1, 1, 1], "strides": [1, 2, 2]}, 16, 1, 4),
 }
 RATIOS = (0.6, 0.75, 0.9)
 PROVIDERS = ("mae3d", "mae3d_triton", "mae3d_packed", "nnssl_eager", "nnssl_compiled")

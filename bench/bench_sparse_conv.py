@@ -62,6 +62,7 @@ GPU_CASES = [
 ]
 CPU_CASES = [(2, 32, 32, 64, 3, 1), (2, 64, 64, 32, 3, 1), (2, 32, 64, 64, 3, 2)]
 QUICK_CASES = [(2, 32, 32, 64, 3, 1)]
+TINY_CASES = [(1, 4, 4, 16, 3, 1)]  # the CPU dry run of scripts/gpu_check.sh
 RATIOS = (0.0, 0.6, 0.75, 0.9)
 QUICK_RATIOS = (0.0, 0.75)
 # triton / packed: GPU only, each backend forced (mae3d = the default backend of the device)
@@ -215,6 +216,18 @@ def backend_of(name: str, device: torch.device) -> str:
         name if name in FORCED else "torch")
 
 
+def _parse_cases(text: str) -> list[tuple[int, ...]]:
+    if text == "tiny":
+        return TINY_CASES
+    try:
+        cases = [tuple(int(v) for v in c.split("x")) for c in text.split(",") if c]
+    except ValueError:
+        cases = []
+    if not cases or any(len(c) != 6 for c in cases):
+        raise argparse.ArgumentTypeError(f"expected BxCinxCoutxSIZExKxSTRIDE,..., got {text!r}")
+    return cases
+
+
 def build_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
@@ -222,10 +235,14 @@ def build_config(argv=None):
     p.add_argument("--passes", type=lambda s: tuple(s.split(",")))
     p.add_argument("--quick", action="store_true",
                    help="CPU: one 64^3 conv, ratios 0 and 0.75, forward only")
+    p.add_argument("--cases", type=_parse_cases,
+                   help='e.g. "2x32x32x160x3x1,2x64x64x80x3x1" (BxCinxCoutxSIZExKxSTRIDE) or '
+                        '"tiny" (the dry-run case)')
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
-    cases = GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES)
+    cases = a.cases or (
+        GPU_CASES if device.type == "cuda" else (QUICK_CASES if a.quick else CPU_CASES))
     providers = a.providers or tuple(
         p for p in PROVIDERS if device.type == "cuda" or p not in FORCED)
     if SUBJECT not in providers:

@@ -86,6 +86,7 @@ GPU_CASES = (
 )
 CPU_CASES = (Case("bertswin", 1, (14, 14, 14), 12, 64, W7, S0),
              Case("bertswin", 1, (14, 14, 14), 12, 64, W7, S3))
+TINY_CASES = (Case("tiny", 1, (4, 4, 4), 2, 16, (2, 2, 2), (1, 1, 1)),)  # gpu_check.sh dry run
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
     p.add_argument("--passes", type=H.parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
-    p.add_argument("--cases", help="comma list of case names (bertswin, swinunetr-s1, ...)")
+    p.add_argument("--cases", help="comma list of case names (bertswin, swinunetr-s1, ..., tiny)")
+    p.add_argument("--batch", type=int, help="only the cases of this batch size")
     p.add_argument("--quick", action="store_true",
                    help="CPU: BertsWin batch 1, fwd and fwd+bwd, short timing")
     H.add_run_args(p, DTYPES)
@@ -271,7 +273,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
     cases = GPU_CASES if gpu else CPU_CASES
     if a.cases:
         names = {s.strip() for s in a.cases.split(",")}
-        cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES) if c.name in names))
+        cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES, *TINY_CASES)
+                                    if c.name in names and (c.batch == a.batch or not a.batch)))
     providers = a.providers or (PROVIDERS if gpu else CPU_PROVIDERS)
     if not gpu:
         providers = tuple(p for p in providers if p != "flex")  # Triton-generated: GPU only

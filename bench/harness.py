@@ -427,12 +427,15 @@ def print_header(op: str, env: Env, dtype: torch.dtype, backend: str, why: str) 
 
 
 def add_run_args(p: argparse.ArgumentParser, dtypes: dict[str, torch.dtype]) -> None:
-    """The flags every bench script shares: --device --dtype --threads --min-run-time --seed
-    --out --no-csv (--quick and the sweep flags stay with each script)."""
+    """The flags every bench script shares: --device --dtype --threads --min-run-time --rep-ms
+    --seed --out --no-csv (--quick and the sweep flags stay with each script)."""
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(dtypes), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
     p.add_argument("--min-run-time", type=float, help="seconds per measurement")
+    p.add_argument("--rep-ms", type=float,
+                   help="CUDA: do_bench repetition budget per measurement in ms (warm-up a "
+                        "quarter of it; default 100); scripts/gpu_check.sh's quick mode: 30")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="CSV path (default bench/results/<device>.csv)")
     p.add_argument("--no-csv", action="store_true", help="print only, write no CSV row")
@@ -450,6 +453,8 @@ def run_setup(args: argparse.Namespace, quick: TimingConfig,
     timing = quick if args.quick else (base or TimingConfig())
     if args.min_run_time:
         timing = replace(timing, min_run_time=args.min_run_time)
+    if getattr(args, "rep_ms", None):
+        timing = replace(timing, cuda_rep_ms=args.rep_ms, cuda_warmup_ms=args.rep_ms / 4)
     return device, timing
 
 

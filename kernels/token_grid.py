@@ -63,7 +63,7 @@ def _assemble_token_grid_fwd_kernel(
 @triton.jit
 def _assemble_token_grid_bwd_kernel(
     g_ptr, idx_ptr, gvis_ptr, gpos_ptr, part_ptr,
-    B, N, C,
+    B, N, C, N_VIS,
     stride_g_b, stride_g_n, stride_gvis_b, stride_gvis_n,
     POS_GRAD: tl.constexpr, ACC_DTYPE: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -81,7 +81,8 @@ def _assemble_token_grid_bwd_kernel(
     gvis_b = gvis_ptr
     for _ in range(B):
         slot = tl.load(idx_row, mask=t_ok, other=-1)
-        take = slot >= 0
+        # Bounded on both sides: whatever slot index a caller passes, no store leaves g_vis.
+        take = (slot >= 0) & (slot < N_VIS)
         gv = tl.load(g_b, mask=ok, other=0.0)
         # The visible tokens' gradient is grad_out itself, copied without rounding.
         tl.store(gvis_b + slot.to(tl.int64)[:, None] * stride_gvis_n + c[None, :], gv,
@@ -170,7 +171,7 @@ def assemble_token_grid_bwd(g, idx, n_vis, tok, pos):
     part = torch.empty((grid[0], C), dtype=acc, device=g.device)
     with _guard(g):
         _assemble_token_grid_bwd_kernel[grid](
-            g, idx, g_vis, part if g_pos is None else g_pos, part, B, N, C,
+            g, idx, g_vis, part if g_pos is None else g_pos, part, B, N, C, n_vis,
             g.stride(0), g.stride(1), g_vis.stride(0), g_vis.stride(1),
             POS_GRAD=g_pos is not None, ACC_DTYPE=acc_tl,
             BLOCK_T=block_t, BLOCK_C=block_c, num_warps=warps)

@@ -21,6 +21,7 @@ The mask-token gradient is summed from per-program partials in a fixed order: de
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import Optional
 
@@ -31,6 +32,12 @@ from mae3d._geometry import slot_index
 from mae3d.ops import _checks
 from mae3d.ops._backend import Backend, OpBackends, as_in_forward, impl, remember
 from mae3d.ops._flops import register_flop_formula
+
+# Set while this op's autograd backward runs: the slot index is the one its forward built, valid
+# by construction, so the value check (five small device launches on CUDA) is skipped there. A
+# direct call of the backward op is checked; the kernels bound every slot either way.
+_own_slot_index: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mae3d_own_slot_index", default=False)
 
 _TRITON, _TORCH = "mae3d.kernels.token_grid", "mae3d.ops._torch_backends.token_grid"
 BACKENDS = OpBackends(
@@ -88,7 +95,8 @@ def _assemble_token_grid_backward_op(
     """Returns (grad_visible_tokens (B, n_vis, C), grad_mask_token (C,), grad_pos_embed
     (gD, gH, gW, C), or empty when ``pos_embed`` is None: its gradient is not wanted)."""
     _checks.assemble_token_grid_backward(grad_out, slot_index, n_vis, mask_token, pos_embed)
-    _checks.slot_index_values(slot_index, n_vis)
+    if not _own_slot_index.get():  # a caller's index, not the one this op's forward made
+        _checks.slot_index_values(slot_index, n_vis)
     B, C = grad_out.shape[0], grad_out.shape[-1]
     bwd = BACKENDS.backward(grad_out.device.type).bwd
     g = grad_out.contiguous().view(B, slot_index.shape[1], C)
@@ -120,9 +128,13 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_idx):
     idx, mask_token, pos_embed = ctx.saved_tensors
     want_pos = ctx.has_pos and ctx.needs_input_grad[3]
-    with as_in_forward(ctx):
-        g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
-            grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
+    token = _own_slot_index.set(True)
+    try:
+        with as_in_forward(ctx):
+            g_vis, g_tok, g_pos = torch.ops.mae3d.assemble_token_grid_backward(
+                grad_out, idx, ctx.n_vis, mask_token, pos_embed if want_pos else None)
+    finally:
+        _own_slot_index.reset(token)
     return g_vis, None, g_tok, (g_pos if want_pos else None)
 
 

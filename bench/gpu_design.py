@@ -1,0 +1,321 @@
+"""The kernel issues' design questions, answered in one short GPU run (stage c of
+scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
+
+  profile   torch.profiler split of one fwd+bwd per op at a production shape: wall (host) time
+            of the call, summed device-kernel time, number of device kernels. device << wall
+            means the pass is launch/host bound (issue 15's small ResEnc stages).
+  graph     the same pass captured in a CUDA graph and replayed vs run eagerly: what removing the
+            host overhead would give.
+  tune      autotune sweeps of launch parameters; the winner of each (kernel, problem key) goes to
+            --configs as a ``kernels/configs/<gpu>.json`` file (see ``mae3d.kernels.tuning``),
+            to be committed under the GPU's name. Today: the masked-norm forward
+            kernels (BLOCK_S x num_warps); kernel issues add their sweeps to ``SWEEPS``.
+Rows: question, op, case, variant, metric, value, unit, device, torch, triton, git_sha, date.
+
+    python bench/gpu_design.py --out design.csv --configs configs.json        # CUDA
+    TRITON_INTERPRET=1 python bench/gpu_design.py --device cpu --tiny --out d.csv --configs c.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import harness as H  # noqa: E402
+from mae3d.ops import masked_norm, use_backend, window_attention3d  # noqa: E402
+
+COLUMNS = (
+    "question",
+    "op",
+    "case",
+    "variant",
+    "metric",
+    "value",
+    "unit",
+    "device",
+    "torch",
+    "triton",
+    "git_sha",
+    "date",
+)
+
+
+class Writer:
+    def __init__(self, path: Path, env: H.Env, device_name: str):
+        self.path, self.env, self.device_name = path, env, device_name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not path.exists() or path.stat().st_size == 0:
+            with open(path, "w", newline="") as f:
+                csv.DictWriter(f, fieldnames=COLUMNS).writeheader()
+
+    def row(self, question, op, case, variant, metric, value, unit):
+        r = {
+            "question": question,
+            "op": op,
+            "case": case,
+            "variant": variant,
+            "metric": metric,
+            "value": f"{value:.4f}" if isinstance(value, float) else value,
+            "unit": unit,
+            "device": self.env.device,
+            "torch": self.env.torch,
+            "triton": self.env.triton,
+            "git_sha": self.env.git_sha,
+            "date": self.env.date,
+        }
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, fieldnames=COLUMNS).writerow(r)
+        print(
+            f"{question:<8} {op:<20} {case:<18} {variant:<22} {metric:<10} {r['value']} {unit}",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------------------------
+# Problems: (op, case, make() -> fwd+bwd callable)
+# ------------------------------------------------------------------------------------------------
+def _masked_norm_pass(shape, dev, dtype):
+    def make():
+        B, C, *sp = shape
+        x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+        m = torch.rand(B, 1, *sp, device=dev) > 0.75
+        w = torch.ones(C, device=dev, requires_grad=True)
+        b = torch.zeros(C, device=dev, requires_grad=True)
+        gy = torch.randn_like(x)
+
+        def step():
+            y = masked_norm(x, m, w, b, negative_slope=0.01)
+            return torch.autograd.grad(y, (x, w, b), gy)
+
+        return step
+
+    return make
+
+
+def _window_attention_pass(batch, grid, heads, hd, window, shift, dev, dtype):
+    def make():
+        qkv = torch.randn(
+            batch, grid, grid, grid, 3, heads, hd, device=dev, dtype=dtype, requires_grad=True
+        )
+        table = (torch.randn((2 * window - 1) ** 3, heads, device=dev) * 0.02).requires_grad_()
+        gy = torch.randn(batch, grid, grid, grid, heads, hd, device=dev, dtype=dtype)
+
+        def step():
+            y = window_attention3d(*qkv.unbind(4), (window,) * 3, (shift,) * 3, table)
+            return torch.autograd.grad(y, (qkv, table), gy)
+
+        return step
+
+    return make
+
+
+def problems(dev: torch.device, dtype: torch.dtype, tiny: bool):
+    if tiny:
+        return [
+            ("masked_norm", "1x2x4x4x4", _masked_norm_pass((1, 2, 4, 4, 4), dev, dtype)),
+            (
+                "window_attention3d",
+                "b1-2^3-w2-h1-s1",
+                _window_attention_pass(1, 2, 1, 16, 2, 1, dev, dtype),
+            ),
+        ]
+    return [
+        ("masked_norm", "2x32x160^3", _masked_norm_pass((2, 32, 160, 160, 160), dev, dtype)),
+        ("masked_norm", "2x320x10^3", _masked_norm_pass((2, 320, 10, 10, 10), dev, dtype)),
+        (
+            "window_attention3d",
+            "bertswin-b2-s3",
+            _window_attention_pass(2, 14, 12, 64, 7, 3, dev, dtype),
+        ),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------
+# Questions
+# ------------------------------------------------------------------------------------------------
+def _time_ms(fn: Callable[[], object], dev: torch.device, reps: int) -> float:
+    fn()
+    if dev.type == "cuda":
+        import triton.testing
+
+        return float(triton.testing.do_bench(fn, warmup=5, rep=max(reps, 10), return_mode="median"))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def profile(w: Writer, dev: torch.device, probs, reps: int) -> None:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as prof
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    for op, case, make in probs:
+        step = make()
+        step()  # compile / warm up outside the profile
+        H._sync(dev)
+        with prof(activities=acts) as p:
+            t0 = time.perf_counter()
+            for _ in range(reps):
+                step()
+            H._sync(dev)
+            wall = (time.perf_counter() - t0) / reps
+        kernels = [e for e in p.events() if e.device_type.name == "CUDA"]
+        dev_us = (
+            sum(
+                e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+                for e in kernels
+            )
+            / reps
+            if kernels
+            else 0.0
+        )
+        w.row("profile", op, case, "fwd+bwd", "wall_ms", 1e3 * wall, "ms")
+        w.row("profile", op, case, "fwd+bwd", "device_ms", dev_us / 1e3, "ms")
+        w.row("profile", op, case, "fwd+bwd", "kernels", len(kernels) // max(reps, 1), "count")
+
+
+def graph(w: Writer, dev: torch.device, probs, reps: int) -> None:
+    for op, case, make in probs:
+        step = make()
+        eager = _time_ms(step, dev, reps)
+        w.row("graph", op, case, "eager", "p50_ms", eager, "ms")
+        if dev.type != "cuda":
+            w.row("graph", op, case, "cuda_graph", "skipped", "needs CUDA", "")
+            continue
+        try:
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                for _ in range(2):
+                    step()
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                step()
+            w.row("graph", op, case, "cuda_graph", "p50_ms", _time_ms(g.replay, dev, reps), "ms")
+        except Exception as e:  # a capture failure is an answer too
+            w.row("graph", op, case, "cuda_graph", "error", type(e).__name__, "")
+
+
+def _sweep_masked_norm(dev, dtype, tiny):
+    """(kernel, key, [(params, run)]) for the masked-norm forward kernel."""
+    from mae3d.kernels import masked_norm as K
+
+    shapes = [(1, 2, 4, 4, 4)] if tiny else [(2, 32, 160, 160, 160), (2, 320, 10, 10, 10)]
+    out = []
+    for shape in shapes:
+        B, C, *sp = shape
+        x = torch.randn(shape, device=dev, dtype=dtype)
+        m = (torch.rand(B, int(torch.tensor(sp).prod()), device=dev) > 0.75).to(torch.uint8)
+        sc, sh = torch.ones(B, C, device=dev), torch.zeros(B, C, device=dev)
+        key = f"{'x'.join(map(str, shape))}/{H.dtype_str(dtype)}/ncdhw"
+        base = K._config(x)
+        runs = []
+        for block_s in (512, 1024, 2048):
+            for warps in (4, 8):
+                cfg = dict(base, BLOCK_S=min(block_s, base["BLOCK_S"] * 8), num_warps=warps)
+                params = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": warps}
+
+                def fwd(cfg=cfg, x=x, m=m, sc=sc, sh=sh, C=C):
+                    out = torch.empty_like(x)
+                    K._launch(
+                        K._masked_norm_fwd_kernel,
+                        cfg,
+                        x,
+                        m,
+                        sc,
+                        sh,
+                        out,
+                        C,
+                        cfg["S"],
+                        cfg["CHUNK_S"],
+                        0.01,
+                        0.0,
+                        *cfg["strides"],
+                        m.stride(0),
+                        *K._strides_bcs(out),
+                        HAS_SLOPE=True,
+                        ACC_DTYPE=K._acc(x)[1],
+                    )
+                    return out
+
+                runs.append((params, fwd))
+        out.append(("_masked_norm_fwd_kernel", key, runs))
+    return out
+
+
+SWEEPS: list[Callable] = [_sweep_masked_norm]
+
+
+def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Path) -> None:
+    table: dict[str, dict] = {}
+    for sweep in SWEEPS:
+        for kernel, key, runs in sweep(dev, dtype, tiny):
+            best = None
+            for params, run in runs:
+                variant = ",".join(f"{k}={v}" for k, v in params.items())
+                try:
+                    ms = _time_ms(run, dev, reps)
+                except Exception as e:  # a config that does not compile is skipped
+                    w.row("tune", kernel, key, variant, "error", type(e).__name__, "")
+                    continue
+                w.row("tune", kernel, key, variant, "p50_ms", ms, "ms")
+                if best is None or ms < best[0]:
+                    best = (ms, params)
+            if best is not None:
+                table.setdefault(kernel, {})[key] = best[1]
+                data = {
+                    "gpu": w.device_name,
+                    "triton": w.env.triton,
+                    "torch": w.env.torch,
+                    "git_sha": w.env.git_sha,
+                    "date": w.env.date,
+                    "kernels": table,
+                }
+                configs.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+QUESTIONS = ("profile", "graph", "tune")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", type=Path, required=True, help="CSV (appended)")
+    p.add_argument("--configs", type=Path, required=True, help="JSON of the sweep winners")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--questions", type=H.parse_list(QUESTIONS), default=QUESTIONS)
+    p.add_argument("--tiny", action="store_true", help="dry-run shapes (CPU, TRITON_INTERPRET=1)")
+    p.add_argument("--reps", type=int, default=20)
+    a = p.parse_args(argv)
+    dev = torch.device(a.device)
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    env = H.environment(dev)
+    w = Writer(a.out, env, torch.cuda.get_device_name(dev) if dev.type == "cuda" else env.device)
+    probs = problems(dev, dtype, a.tiny)
+    with use_backend("triton"):
+        if "profile" in a.questions:
+            profile(w, dev, probs, max(2, a.reps // 4))
+        if "graph" in a.questions:
+            graph(w, dev, probs, a.reps)
+        if "tune" in a.questions:
+            tune(w, dev, dtype, a.tiny, a.reps, a.configs)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
