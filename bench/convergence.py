@@ -329,6 +329,9 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     bad = [r for r in runs if r.count("+") != 1 or r.split("+")[0] not in MODELS
            or r.split("+")[1] not in RECIPES]
     if not runs or bad:
+        if a.models is not None:
+            p.error(f"--models must be a comma-separated subset of {','.join(MODELS)}, got "
+                    f"{a.models!r}")
         p.error(f"--runs must be comma-separated model+recipe entries (models "
                 f"{', '.join(MODELS)}; recipes {', '.join(RECIPES)}), got {text!r}")
     if any(r.split("+") == ["vitmae", "gcond"] for r in runs):
