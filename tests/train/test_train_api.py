@@ -329,3 +329,22 @@ def test_demo_writes_the_figures_with_the_reference_line(tmp_path, monkeypatch, 
     values = set(combined.values()) if isinstance(combined, dict) else {combined}
     assert values <= set(refs[:2])
     assert "predicting each crop's mean scores" in capsys.readouterr().out
+
+
+def test_demo_trains_on_one_thread_when_the_cores_are_busy(tmp_path, monkeypatch, capsys):
+    from mae3d.train import demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_run_demo", lambda *a: seen.append(torch.get_num_threads()) or {})
+    monkeypatch.setattr(demo.os, "cpu_count", lambda: 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(demo.os, "getloadavg", lambda: (9.0, 9.0, 9.0))
+        demo.run_demo(str(tmp_path / "a"))
+        assert "the machine is busy (load average 9.0 on 2 cores)" in capsys.readouterr().out
+        monkeypatch.setattr(demo.os, "getloadavg", lambda: (0.5, 0.5, 0.5))
+        demo.run_demo(str(tmp_path / "b"))
+        assert seen == [1, 2] and torch.get_num_threads() == 2  # restored after the busy run
+    finally:
+        torch.set_num_threads(before)
