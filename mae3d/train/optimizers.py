@@ -36,8 +36,7 @@ def default_accumulation(recipe: Recipe | str) -> int:
     if isinstance(recipe, str) and recipe in PUBLISHED:
         from mae3d.optim.published import GCondRecipe
 
-        return int(inspect.signature(GCondRecipe.__init__).parameters["accumulation_steps"]
-                   .default)
+        return int(inspect.signature(GCondRecipe.__init__).parameters["accumulation_steps"].default)
     return 1
 
 
@@ -92,11 +91,14 @@ class PublishedUpdater:
         from mae3d.optim.published import build_recipe
 
         if cfg.weight_decay is not None:
-            raise UserError(f"--weight-decay: the {name} recipe applies no weight decay (as "
-                            "published); leave it unset")
+            raise UserError(
+                f"--weight-decay: the {name} recipe applies no weight decay (as "
+                "published); leave it unset"
+            )
         self.name = name
-        self.recipe = build_recipe(name, model, cfg.steps,
-                                   accumulation_steps=cfg.accumulation_steps)
+        self.recipe = build_recipe(
+            name, model, cfg.steps, accumulation_steps=cfg.accumulation_steps
+        )
         self._peak0, self._min0 = self.recipe.peak_lr, self.recipe.min_lr
         self._clip0 = self.recipe.clip
         self.accumulation_steps = self.recipe.accumulation_steps
