@@ -22,6 +22,7 @@ cost rule; benchmarks force it).
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 
 import torch
@@ -153,49 +154,57 @@ def packed_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, has
         [0] * 3, 1, [full_dgrad, True, has_bias])
     gx = None
     if full_dgrad:
-        gx = _scatter_add_windows(x, xwin, gxw, bo * stride)
+        gx = _scatter_add_windows(x, xwin, gxw, p.om.shape[1:], bo * stride, padding)
     elif needs_grad_x:
         gx = _active_dgrad(grad_out, x, weight, block_mask, block_size, stride, padding, p,
                            max_active)
     return _grads(x, gx, gw, gb)
 
 
-@functools.lru_cache(maxsize=32)
-def _chunks(edge: int, step: int, device: torch.device) -> tuple[Tensor, ...]:
-    """Window voxel ids (flat in edge^3) by chunk position: a window cut into chunks of ``step``
-    voxels per axis. Windows start ``step`` apart, so the chunks at one position of different
-    windows never overlap: one scatter per position has no duplicate target. Built by arange
-    arithmetic on the device (no host sync)."""
-    spans = [(lo, min(edge, lo + step)) for lo in range(0, edge, step)]
+def _spans(edge: int, lo: int, core: int) -> list[tuple[int, int]]:
+    """A window axis [0, edge) cut into [0, lo), [lo, lo + core) (the block's own voxels) and
+    what follows, each at most one block long."""
+    cuts = sorted({0, min(lo, edge), min(lo + core, edge), edge})
     out = []
-    for d0, d1 in spans:
-        for h0, h1 in spans:
-            for w0, w1 in spans:
-                d, h, w = (torch.arange(a, b, device=device) for a, b in
-                           ((d0, d1), (h0, h1), (w0, w1)))
-                ids = (d[:, None, None] * edge + h[None, :, None]) * edge + w[None, None, :]
-                out.append(ids.reshape(-1))
-    return tuple(out)
+    for a, b in itertools.pairwise(cuts):
+        while b - a > core:  # pieces longer than a block would overlap the next window's
+            out.append((a, a + core))
+            a += core
+        out.append((a, b))
+    return out
 
 
-def _scatter_add_windows(x, win, gxw, step):
+def _scatter_add_windows(x, win, gxw, grid, bs, padding):
     """grad_x (x's layout) = the sum of the windows' input gradients gxw (n, Cin, L, L, L) at
-    their voxels. Rows of an NDHWC buffer with one extra row that takes the writes of voxels
-    outside the volume; chunk position by chunk position (no duplicate targets: deterministic,
-    no float atomics)."""
+    their voxels. Windows start ``bs`` apart, so pieces of them at the same place in their
+    windows never overlap: the block's own voxels (the centre piece) are put into zeros, the halo
+    pieces added one place at a time. No index appears twice in one call, so the result does not
+    depend on the order of the (parallel) adds: deterministic, unlike one accumulating put. Values
+    outside the volume are zeroed first (their indices only stay in range)."""
     B, C = x.shape[:2]
-    nvox = B * math.prod(x.shape[2:])
-    buf = x.new_zeros(nvox + 1, C)
-    rows = win.rows if win.valid is None else torch.where(win.valid, win.rows, nvox)
-    src = plan.rows_of(gxw).view(rows.shape[0], win.edge**3, C)
-    for i, ids in enumerate(_chunks(win.edge, step, x.device)):
-        r = rows[:, ids].reshape(-1)
-        vals = src[:, ids].reshape(-1, C)
-        if i == 0:  # the first position lands on zeros: a plain copy
-            buf.index_copy_(0, r, vals)
-        else:
-            buf.index_add_(0, r, vals)
-    gx = buf[:nvox].view(B, *x.shape[2:], C).permute(0, 4, 1, 2, 3)
+    n, L = gxw.shape[0], win.edge
+    fmt = memory_format(x)
+    gx = _zeros(x, C, x.shape[2:], fmt)
+    src = gxw.permute(0, 2, 3, 4, 1)  # (n, L, L, L, C), contiguous
+    if win.valid is not None:
+        src.masked_fill_(~win.valid.view(n, L, L, L, 1), 0)
+    cl = fmt == torch.channels_last_3d
+    if cl:
+        dst, idx = gx.permute(0, 2, 3, 4, 1).reshape(-1, C), win.rows.view(n, L, L, L)
+    else:
+        dst, idx = gx.view(B, C, -1).transpose(1, 2), win.s.view(n, L, L, L)
+    b = win.b.view(n, 1, 1, 1)
+    spans = _spans(L, padding, bs)
+    centre = next(sp for sp in spans if sp[0] == min(padding, L))
+    # The centre piece can be a plain put only when no index in it was moved into range: every
+    # output cell's own input block lies inside x.
+    plain = win.valid is None or all(g * bs <= sz for g, sz in zip(grid, x.shape[2:]))
+    pieces = [(centre, centre, centre)] + [
+        (d, h, w) for d in spans for h in spans for w in spans if (d, h, w) != (centre,) * 3]
+    for i, (d, h, w) in enumerate(pieces):
+        sl = (slice(None), slice(*d), slice(*h), slice(*w))
+        ix = (idx[sl],) if cl else (b.expand(n, d[1] - d[0], h[1] - h[0], w[1] - w[0]), idx[sl])
+        dst.index_put_(ix, src[sl], accumulate=i > 0 or not plain)
     return gx
 
 
@@ -214,8 +223,7 @@ def _active_dgrad(grad_out, x, weight, block_mask, block_size, stride, padding, 
     grid = tuple(block_mask.shape[1:])
     out_sp = tuple(grad_out.shape[2:])
     gwin = plan.windows(cells, pad, grid, bo, a, n_o, out_sp, exact=not p.free)
-    ovox = output_voxel_mask(block_mask, block_size, stride, out_sp).reshape(-1)
-    gw = plan.gather(grad_out, gwin, keep=ovox[gwin.rows])
+    gw = plan.gather(grad_out, gwin, keep=_window_activity(p.om, cells, grid, bo, a, n_o))
     blk = F.conv_transpose3d(gw, weight, None, stride, pad_t, out_pad)  # (n, Cin, bs, bs, bs)
     fmt = memory_format(x)
     full = tuple(g * bs for g in grid)
@@ -223,6 +231,25 @@ def _active_dgrad(grad_out, x, weight, block_mask, block_size, stride, padding, 
     xwin = plan.windows(cells, None, grid, bs, 0, bs, full, exact=True, check=False)
     plan.scatter(gx, xwin, blk.contiguous(memory_format=torch.channels_last_3d))
     return _crop(gx, x.shape[2:], fmt)
+
+
+def _window_activity(om, cells, grid, bo, a, n_o):
+    """(n, n_o^3) bool: whether each voxel of the output windows [cell * bo + a, + n_o) of the
+    input ``cells`` belongs to an active output cell, read from the output cells around each
+    cell (no per-voxel index)."""
+    rel = (a + torch.arange(n_o, device=om.device)).div(bo, rounding_mode="floor")  # cell offset
+    lo, hi = int(a // bo), int((a + n_o - 1) // bo)
+    pads = []
+    for g, og in zip(reversed(grid), reversed(om.shape[1:])):  # F.pad order: last axis first
+        pads += [-lo if lo < 0 else 0, max(0, g - 1 + hi - (og - 1))]
+    omp = F.pad(om, pads)  # False outside the output grid
+    gD, gH, gW = grid
+    b, rest = cells // (gD * gH * gW), cells % (gD * gH * gW)
+    c = [rest // (gH * gW), (rest // gW) % gH, rest % gW]
+    r = rel - min(lo, 0)
+    near = omp[b[:, None, None, None], (c[0][:, None] + r)[:, :, None, None],
+               (c[1][:, None] + r)[:, None, :, None], (c[2][:, None] + r)[:, None, None, :]]
+    return near.reshape(cells.shape[0], n_o**3)
 
 
 @functools.lru_cache(maxsize=64)

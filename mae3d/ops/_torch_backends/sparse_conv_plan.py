@@ -89,20 +89,40 @@ def active_cells(mask: Tensor, cap: int | None) -> tuple[Tensor, Tensor | None]:
 # --------------------------------------------------------------------------------------------
 # Rows of windows
 # --------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
 class Windows:
-    """E^3 voxel windows of n cells: ``b`` (n, 1) sample, ``s`` (n, E^3) spatial index
-    (clamped), ``rows`` (n, E^3) = b * D*H*W + s, ``valid`` (n, E^3) bool or None (all valid)."""
+    """E^3 voxel windows of n cells: ``b`` (n, 1) sample, ``s`` (n, E^3) spatial index, ``rows``
+    (n, E^3) = b * D*H*W + s (each built when first used), ``valid`` (n, E^3) bool or None (all
+    valid). Where a window leaves the volume its indices are only kept in range (they address
+    some voxel of the sample): its values there must be dropped by ``valid``."""
 
-    b: Tensor
-    s: Tensor
-    rows: Tensor
-    valid: Tensor | None
-    edge: int
+    def __init__(self, b: Tensor, base: Tensor, pattern: Tensor, size: int, edge: int,
+                 valid: Tensor | None, clamp: bool) -> None:
+        self.b, self._base, self._pattern, self._size = b, base, pattern, size
+        self.edge, self.valid, self._clamp = edge, valid, clamp
+
+    @functools.cached_property
+    def s(self) -> Tensor:
+        s = self._base[:, None] + self._pattern
+        return s.clamp_(0, self._size - 1) if self._clamp else s
+
+    @functools.cached_property
+    def rows(self) -> Tensor:
+        r = (self.b * self._size + self._base[:, None]) + self._pattern
+        if self._clamp:  # keep each row in its sample
+            lo = self.b * self._size
+            r = torch.minimum(torch.maximum(r, lo), lo + (self._size - 1))
+        return r
 
 
 @functools.lru_cache(maxsize=64)
-def _pattern(edge: int, device: torch.device) -> Tensor:
+def _pattern(edge: int, H: int, W: int, device: torch.device) -> Tensor:
+    """(E^3,) flat spatial offsets of an E^3 box in a (., H, W) volume."""
+    o = torch.arange(edge, device=device)
+    return ((o[:, None, None] * H + o[None, :, None]) * W + o[None, None, :]).reshape(-1)
+
+
+@functools.lru_cache(maxsize=16)
+def _arange(edge: int, device: torch.device) -> Tensor:
     return torch.arange(edge, device=device)
 
 
@@ -114,23 +134,23 @@ def windows(cells: Tensor, pad: Tensor | None, grid: tuple[int, ...], scale: int
     False: the caller knows every voxel is inside (``valid`` None, padding slots included)."""
     gD, gH, gW = grid
     D, H, W = spatial
+    n = cells.shape[0]
     b, rest = cells // (gD * gH * gW), cells % (gD * gH * gW)
-    cd, ch, cw = rest // (gH * gW), (rest // gW) % gH, rest % gW
-    o = _pattern(edge, cells.device)
-    coords = [c[:, None] * scale + offset + o for c in (cd, ch, cw)]  # (n, E) per axis
-    oks = [(c >= 0) & (c < size) for c, size in zip(coords, spatial)]
-    d, h, w = (c.clamp(0, size - 1) for c, size in zip(coords, spatial))
-    s = ((d[:, :, None, None] * H + h[:, None, :, None]) * W + w[:, None, None, :]).reshape(
-        cells.shape[0], edge**3)
-    if not check:
-        return Windows(b[:, None], s, b[:, None] * (D * H * W) + s, None, edge)
-    valid = (oks[0][:, :, None, None] & oks[1][:, None, :, None] & oks[2][:, None, None, :]
-             ).reshape(cells.shape[0], edge**3)
-    if pad is not None:
-        valid = valid & ~pad[:, None]
-    elif exact and bool(valid.all()):
-        valid = None
-    return Windows(b[:, None], s, b[:, None] * (D * H * W) + s, valid, edge)
+    starts = [c * scale + offset for c in (rest // (gH * gW), (rest // gW) % gH, rest % gW)]
+    base = (starts[0] * H + starts[1]) * W + starts[2]  # (n,); the voxels: base + pattern
+    valid = None
+    if check:
+        outside = [(st < 0) | (st + edge > size) for st, size in zip(starts, spatial)]
+        if pad is not None or not exact or bool((outside[0] | outside[1] | outside[2]).any()):
+            o = _arange(edge, cells.device)
+            ok = [((st[:, None] + o) >= 0) & ((st[:, None] + o) < size)
+                  for st, size in zip(starts, spatial)]
+            valid = (ok[0][:, :, None, None] & ok[1][:, None, :, None] & ok[2][:, None, None, :]
+                     ).reshape(n, edge**3)
+            if pad is not None:
+                valid &= ~pad[:, None]
+    return Windows(b[:, None], base, _pattern(edge, H, W, cells.device), D * H * W, edge, valid,
+                   clamp=valid is not None)
 
 
 def is_channels_last(t: Tensor) -> bool:
@@ -174,28 +194,38 @@ def scatter(out: Tensor, win: Windows, src: Tensor) -> None:
 # --------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Machine:
-    """What the cost rule knows of a device. ``flops``: FLOP/s of a large channels-last conv;
-    ``ncdhw``: speed of an NCDHW conv relative to channels-last; ``copy``: bytes/s of gathers,
-    scatters and fills; ``call``: seconds of fixed cost per packed call; ``small``: a conv on
-    blocks of bo^3 output voxels runs at bo^3 / (bo^3 + small) of ``flops``."""
+    """What the cost rule knows of a device (``sparse_conv_cost``): ``flops`` (FLOP/s of a large
+    channels-last conv), ``copy`` (bytes/s of gathers, scatters, fills, a conv's operands),
+    ``row`` (seconds per voxel row gathered or scattered, whatever its width: the index work),
+    ``ncdhw`` (bytes an NCDHW conv moves per byte of its operands: layout reorders), ``small``
+    (a conv on blocks of bo^3 outputs runs at bo^3 / (bo^3 + small) of ``flops``), ``call``
+    (seconds of fixed cost per packed call: ~20 small ops)."""
 
     flops: float
-    ncdhw: float
     copy: float
-    call: float
+    row: float
+    ncdhw: float
     small: float
+    call: float
 
 
 MACHINES = {
-    # 2 threads of an AMD EPYC (bench/results/cpu-amd-epyc-2t.csv, fp32, oneDNN): a
-    # channels-last 32->32 k3 conv runs ~2x its NCDHW twin (which reorders to blocked formats
-    # per call); gathers / scatters / fills move ~4 GB/s; a packed call costs ~1 ms of small ops.
-    "cpu": Machine(flops=1.2e11, ncdhw=0.5, copy=4e9, call=1e-3, small=8.0),
-    # H100/H200, bf16, cuDNN: dense convs measured 89-241 TFLOP/s effective (issue 16) -> 2e14;
-    # copies at ~2/3 of HBM bandwidth; ~20 launches per packed call. Unmeasured: the packed
-    # batch's conv speed, which the GPU plan's rule check measures.
-    "cuda": Machine(flops=2e14, ncdhw=1.0, copy=2.5e12, call=1e-4, small=8.0),
+    # 2 threads of an AMD EPYC, fp32, oneDNN: fitted (grid search, fewest milliseconds lost to
+    # wrong picks) to the CPU time of both paths at every conv of the S3D CPU configuration
+    # (ResEnc widths / 4 at 64^3, 16^3 blocks, ratio 0.75; NCDHW and NDHWC; forward, backward,
+    # active-only backward: 60 points, 3 wrong picks costing 3 ms of 2.4 s). Measured on a loaded
+    # machine (load 9, CPU time with passive OpenMP waits).
+    "cpu": Machine(flops=1.6e11, copy=6e9, row=1e-8, ncdhw=5.0, small=30.0, call=2e-4),
+    # H100/H200, bf16, cuDNN: dense convs reach 89-241 TFLOP/s effective (issue 16): 2e14;
+    # copies at ~2/3 of HBM bandwidth; ~20 launches of ~5 us per packed call. Unmeasured: how
+    # fast cuDNN runs the packed batch (``small``), which the GPU plan's rule check measures.
+    "cuda": Machine(flops=2e14, copy=2.5e12, row=0.0, ncdhw=1.0, small=8.0, call=1e-4),
 }
+
+
+def _conv_time(m: Machine, flop: float, nbytes: float, eff: float = 1.0) -> float:
+    """A conv's time on the roofline: its FLOPs or its operand bytes, whichever takes longer."""
+    return max(flop / (m.flops * eff), nbytes / m.copy)
 
 
 def sparse_conv_cost(device_type: str, *, batch: int, cin: int, cout: int, k: int, stride: int,
@@ -203,45 +233,52 @@ def sparse_conv_cost(device_type: str, *, batch: int, cin: int, cout: int, k: in
                      n_blocks: int, itemsize: int, channels_last: bool, backward: bool = False,
                      needs_grad_x: bool = True, active_grad_x: bool = False,
                      n_in_blocks: int | None = None) -> dict[str, float]:
-    """Modelled seconds {"dense": ..., "packed": ...} of one pass of a sparse conv.
+    """Modelled seconds {"dense": ..., "packed": ...} of one pass (forward, or the backward:
+    input gradient when needed + weight gradient) of a sparse conv.
 
-    dense  = conv FLOPs of the whole volume at the layout's speed + the mask pass (+ the
-             gradient's mask pass backward);
-    packed = FLOPs of the packed blocks (the full input gradient of a window computes all its
-             L^3 voxels: x halo = (L / (bo * stride))^3; the active-only one does not) at the
-             small-block efficiency + bytes gathered, scattered and zero-filled + a fixed cost.
-    Backward = input gradient (when needed) + weight gradient. ``n_blocks``: packed output
-    blocks (exact, or the capacity); ``n_in_blocks``: packed input blocks of the active-only
-    input gradient (default n_blocks)."""
+    dense  = the conv of the whole volume on the roofline (an NCDHW one moves ``ncdhw`` x its
+             operand bytes) + the mask pass over the output (backward: over its gradient).
+    packed = the convs of the n packed blocks on the roofline, at bo^3 / (bo^3 + small) of the
+             FLOP rate (the full input gradient of a window covers its L^3 voxels, L = (bo - 1)
+             * stride + k; the active-only one the block's (bo * stride)^3), + the rows gathered
+             (x windows, the output gradient), scattered and zero-filled, each at ``row`` + its
+             bytes, + a fixed ``call``.
+    ``n_blocks``: packed output blocks (exact, or the capacity); ``n_in_blocks``: packed input
+    blocks of the active-only input gradient (default n_blocks)."""
     m = MACHINES.get(device_type, MACHINES["cuda"])
-    L = (bo - 1) * stride + k
-    core = bo * stride
-    n_in = n_blocks if n_in_blocks is None else n_in_blocks
+    e = itemsize
+    L, core = (bo - 1) * stride + k, bo * stride
+    n, n_in = n_blocks, (n_blocks if n_in_blocks is None else n_in_blocks)
     v_in, v_out = batch * math.prod(in_spatial), batch * math.prod(out_spatial)
     mac = 2 * cin * cout * k**3
-    passes = (2 if needs_grad_x else 1) if backward else 1
-    # dense: conv of everything, then the output mask (read + write), backward also the mask of
-    # the incoming gradient
-    dense = passes * mac * v_out / (m.flops * (1.0 if channels_last else m.ncdhw))
-    dense += 2 * v_out * cout * itemsize / m.copy * (2 if backward else 1)
-    # packed: conv of the blocks
+    layout = 1.0 if channels_last else m.ncdhw
+    grad_x = backward and needs_grad_x
+
+    def rows(count: float, width: int, passes: float = 2.0) -> float:
+        return count * (m.row + passes * width * e / m.copy)
+
+    # dense: the conv(s) of the whole volume, then the mask
+    io = (v_in * cin + v_out * cout) * e * layout
+    dense = _conv_time(m, mac * v_out, io) * (2 if grad_x else 1)
+    dense += 2 * v_out * cout * e / m.copy
+    # packed
     eff = bo**3 / (bo**3 + m.small)
-    flop = mac * n_blocks * bo**3  # forward, weight gradient
-    if backward and needs_grad_x:
-        flop += mac * (n_in * core**3 / stride**3 if active_grad_x else n_blocks * L**3 / stride**3)
-    if backward:
-        flop += mac * n_blocks * bo**3
-    packed = flop / (m.flops * eff)
-    # bytes: gather x windows (read + write), zero-fill + scatter the output (or its gradient)
-    moved = 2 * n_blocks * L**3 * cin + v_out * cout + 2 * n_blocks * bo**3 * cout
-    if backward:
-        moved = 2 * n_blocks * L**3 * cin + 2 * n_blocks * bo**3 * cout  # x windows, grad_out
-        if needs_grad_x:
-            g_halo = ((bo + k) ** 3) if active_grad_x else 0
-            win_out = n_in * core**3 if active_grad_x else n_blocks * L**3
-            moved += 2 * n_in * g_halo * cout + 2 * win_out * cin + v_in * cin
-            moved += 0 if channels_last else 2 * v_in * cin  # the gradient back to NCDHW
-    packed += moved * itemsize / m.copy + m.call
+    win_io = (n * L**3 * cin + n * bo**3 * cout) * e
+    packed = m.call + rows(n * L**3, cin) + _conv_time(m, mac * n * bo**3, win_io, eff)
+    if not backward:
+        packed += v_out * cout * e / m.copy + rows(n * bo**3, cout)  # zero-fill, scatter
+        return {"dense": dense, "packed": packed}
+    packed += rows(n * bo**3, cout)  # the output gradient of the blocks
+    if grad_x:
+        fill = v_in * cin * e / m.copy
+        if active_grad_x:  # gradient window (block + halo), transposed conv, one scatter
+            g = (bo + k) ** 3
+            packed += rows(n_in * g, cout) + rows(n_in * core**3, cin) + fill
+            packed += _conv_time(m, mac * n_in * bo**3, (n_in * g * cout + n_in * core**3 * cin)
+                                 * e, eff)
+        else:  # the windows' gradient (all L^3 voxels), added into zeros
+            packed += rows(n * L**3, cin, 3.0) + fill
+            packed += _conv_time(m, mac * n * L**3 / stride**3, win_io, eff)
     return {"dense": dense, "packed": packed}
 
 
