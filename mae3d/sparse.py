@@ -237,6 +237,12 @@ class MaskedAvgPool3d(nn.AvgPool3d):
         state = _state(self)
         if state.block_mask is None:
             return y
+        if (
+            x.dim() == 5
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last_3d)
+        ):  # the CPU pool returns NCDHW: keep a channels-last model channels-last
+            y = y.contiguous(memory_format=torch.channels_last_3d)
         _check_aligned(self, x.shape[2:], y.shape[2:], _ints(self.stride), up=False)
         return _remask(y, state.at(y.shape[2:], _label(self), y.shape[0]))
 

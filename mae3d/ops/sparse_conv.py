@@ -86,7 +86,10 @@ def _sparse_conv3d_op(
                           active_grad_x)
     name, fns = _backend(x.device.type, False)
     opts = {"max_active": max_active} if name == "packed" else {}
-    return fns.fwd(x, weight, bias, block_mask, block_size, stride, padding, **opts)
+    out = fns.fwd(x, weight, bias, block_mask, block_size, stride, padding, **opts)
+    # x's layout, or the weight's for a one-channel x (``memory_format``): a no-op but for a
+    # backend that does not follow the weight
+    return out.contiguous(memory_format=memory_format(x, weight))
 
 
 @_sparse_conv3d_op.register_fake
@@ -95,7 +98,7 @@ def _(x, weight, bias, block_mask, block_size, stride, padding, max_active=None,
     _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding, max_active,
                           active_grad_x)
     shape = _checks.sparse_conv_out_shape(x, weight, stride, padding)
-    return x.new_empty(shape).contiguous(memory_format=memory_format(x))
+    return x.new_empty(shape).contiguous(memory_format=memory_format(x, weight))
 
 
 @torch.library.custom_op("mae3d::sparse_conv3d_backward", mutates_args=())

@@ -368,3 +368,20 @@ def test_drawn_mask_carries_its_visible_count():
     x, mask = data(ratio=0.5)
     with pytest.raises(ValueError, match="max_active"):
         model.encode(x, mask, max_active=int(mask.flatten(1).sum(1).max()) - 1)
+
+
+def test_channels_last_encoder_stays_channels_last():
+    """A channels-last S3D keeps every sparse stage's features channels-last (from the
+    one-channel input's first conv on, which follows its weight's layout) and computes what the
+    NCDHW one does."""
+    model = make()
+    x, mask = data()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    skips, vox = cl.encode(xc, mask)
+    ref, _ = model.encode(x, mask)
+    for f, r, m in zip(skips, ref, vox):
+        if m is not None:
+            assert f.is_contiguous(memory_format=torch.channels_last_3d), tuple(f.stride())
+        torch.testing.assert_close(f, r, atol=2e-5, rtol=2e-4)
+    assert_same(run(cl, xc, mask), run(model, x, mask))

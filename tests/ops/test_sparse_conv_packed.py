@@ -317,3 +317,22 @@ def test_dgrad_window_maps_a_window_to_exactly_one_block():
             assert (n_o - 1) * s + k - 2 * pad_t + out_pad == bs
             # first input voxel of the transposed conv's output = the block's first voxel
             assert a * s - p + pad_t == 0
+
+
+@pytest.mark.parametrize(
+    "backend", ["packed", "reference", pytest.param("triton", marks=pytest.mark.triton)]
+)
+def test_one_channel_input_takes_the_weights_layout(backend, triton_device):
+    """x with one channel is both NCDHW and channels-last: the output follows the weight, as
+    F.conv3d does (a channels-last model stays channels-last from its first conv on)."""
+    dev = triton_device if backend == "triton" else "cpu"
+    case = make_case((2, 1, 8, 8, 8), 4, 3, 4, 0.5, torch.float32)
+    x = case["x"].float().to(dev).contiguous(memory_format=torch.channels_last_3d)
+    w = case["weight"].float().to(dev)
+    m = case["block_mask"].to(dev)
+    with use_backend(sparse_conv3d=backend):
+        y_cl = sparse_conv3d(x, w.to(memory_format=torch.channels_last_3d), None, m, 4)
+        y = sparse_conv3d(x, w, None, m, 4)
+    assert y_cl.is_contiguous(memory_format=torch.channels_last_3d) and not y_cl.is_contiguous()
+    assert y.is_contiguous()
+    torch.testing.assert_close(y_cl, y)

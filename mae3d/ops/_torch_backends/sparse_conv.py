@@ -39,8 +39,23 @@ from mae3d.ops._torch_backends import sparse_conv_plan as plan
 from mae3d.reference.sparse_conv import sparse_conv3d_reference
 
 
-def memory_format(x: Tensor) -> torch.memory_format:
-    return torch.channels_last_3d if plan.is_channels_last(x) else torch.contiguous_format
+def memory_format(x: Tensor, weight: Tensor | None = None) -> torch.memory_format:
+    """x's layout: channels_last_3d or contiguous. An x that is both (one channel, as a model's
+    input) takes the weight's, as F.conv3d does: a channels-last model stays channels-last from
+    its first conv on (``weight`` given: the output's layout)."""
+    if plan.is_channels_last(x):
+        return torch.channels_last_3d
+    if weight is not None and x.is_contiguous() and x.is_contiguous(
+            memory_format=torch.channels_last_3d) and _channels_last_weight(weight):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _channels_last_weight(w: Tensor) -> bool:
+    cl = torch.channels_last_3d
+    if not w.is_contiguous(memory_format=cl):
+        return False
+    return not w.is_contiguous() or (w.shape[1] == 1 and w.stride(1) == 1)
 
 
 def _out_spatial(x: Tensor, k: int, stride: int, padding: int) -> tuple[int, int, int]:
@@ -111,7 +126,7 @@ def packed_fwd(x, weight, bias, block_mask, block_size, stride, padding, max_act
                path=None):
     k = weight.shape[2]
     out_sp = _out_spatial(x, k, stride, padding)
-    fmt = memory_format(x)
+    fmt = memory_format(x, weight)
     p = _Plan(x, weight, block_mask, block_size, stride, padding, out_sp, max_active, path)
     if p.path == "all" or p.om is None:
         return F.conv3d(x, weight, bias, stride, padding).contiguous(memory_format=fmt)
@@ -296,7 +311,7 @@ def reference_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, 
 
 def _dense_fwd(x, weight, bias, block_mask, block_size, stride, padding):
     y = sparse_conv3d_reference(x, weight, bias, block_mask, block_size, stride, padding)
-    return y.contiguous(memory_format=memory_format(x))
+    return y.contiguous(memory_format=memory_format(x, weight))
 
 
 def _dense_bwd(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias,
