@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from mae3d.masking import block_mask_at, upsample_block_mask
 from mae3d.nn.norm import MaskedBatchNorm3d, MaskedInstanceNorm3d
 from mae3d.nn.sparse_conv import SparseConv3d, sparse_conv_args
+from mae3d.ops._torch_backends.sparse_conv_plan import share as share_plans
 
 __all__ = ["MaskState", "active_mask", "mask_input", "sparsify"]
 
@@ -426,7 +427,11 @@ def active_mask(
     ):
         raise ValueError(f"active_mask: max_active must be None or an int >= 0, got {max_active!r}")
     prev = (state.block_mask, state.block_size, state.coarse, state.max_active)
-    state.block_mask, state.block_size, state.coarse = block_mask.bool(), bs, coarse
+    # A private copy: the packed sparse convs may then reuse their block lists and indices
+    # across the layers and passes that see it (a caller's tensor could change unseen).
+    own = block_mask.to(torch.bool, copy=True)
+    share_plans(own)
+    state.block_mask, state.block_size, state.coarse = own, bs, coarse
     state.max_active = max_active
     try:
         yield state

@@ -615,3 +615,41 @@ def test_sparsify_active_grad_x_and_max_active_are_checked():
         with pytest.raises(ValueError, match="max_active"):
             model(x)
     assert model._mae3d_mask_state.max_active is None  # restored on the way out
+
+
+def test_active_mask_shares_plans_of_a_private_copy(monkeypatch):
+    """active_mask runs the layers on its own copy of the mask, registered so the packed convs
+    reuse their block lists across layers and passes: a caller changing its mask later (even
+    where torch cannot see it) changes nothing that was planned, and nothing outlives the pass."""
+    import gc
+
+    from mae3d.ops import use_backend
+    from mae3d.ops._torch_backends import sparse_conv_plan
+
+    monkeypatch.setattr(sparse_conv_plan, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sparse_conv_plan, "packed_is_cheaper", lambda *a, **k: True)
+    torch.manual_seed(0)
+    model = sparsify(TinyResEnc(), active_grad_x=True)
+    m = random_block_mask(2, SIZE // BLOCK, 0.5, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 1, SIZE, SIZE, SIZE)
+    before = len(sparse_conv_plan._SHARED)
+
+    def run(mask):
+        with use_backend(sparse_conv3d="packed"):
+            with active_mask(
+                model, mask, BLOCK, max_active=int(mask.flatten(1).sum(1).max())
+            ) as st:
+                assert st.block_mask is not mask and torch.equal(st.block_mask, mask)
+                assert id(st.block_mask) in sparse_conv_plan._SHARED
+                out = model(mask_input(x, mask, BLOCK))
+            grads = torch.autograd.grad(sum(o.square().sum() for o in out), model.parameters())
+        return [o.detach() for o in out], grads
+
+    first = run(m)
+    m.numpy()[0] = m.numpy()[0][::-1].copy()  # unseen by the version counter; same counts
+    second, fresh = run(m), run(m.clone())
+    for a, b in zip([*second[0], *second[1]], [*fresh[0], *fresh[1]]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(first[0][0], second[0][0])
+    gc.collect()
+    assert len(sparse_conv_plan._SHARED) == before

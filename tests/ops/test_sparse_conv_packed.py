@@ -336,3 +336,105 @@ def test_one_channel_input_takes_the_weights_layout(backend, triton_device):
     assert y_cl.is_contiguous(memory_format=torch.channels_last_3d) and not y_cl.is_contiguous()
     assert y.is_contiguous()
     torch.testing.assert_close(y_cl, y)
+
+
+# --------------------------------------------------------------------------------------------
+# Reuse of block lists and window indices across the convs of one (owned) mask
+# --------------------------------------------------------------------------------------------
+@pytest.fixture
+def builds(monkeypatch):
+    """Counts the block lists and windows the packed path builds."""
+    count = {"cells": 0, "windows": 0}
+
+    def counted(name):
+        f = getattr(plan, name)
+
+        def g(*a, **k):
+            count[name.replace("active_", "")] += 1
+            return f(*a, **k)
+
+        monkeypatch.setattr(plan, name, g)
+
+    counted("active_cells")
+    counted("windows")
+    return count
+
+
+def _conv_pair(case, m, bound, active_grad_x):
+    """Two convs of one geometry on mask m, forward and backward: (out, grads)."""
+    x = case["x"].float().requires_grad_()
+    w, b = case["weight"].float().requires_grad_(), case["bias"].float()
+    with use_backend("packed"):
+        y = sparse_conv3d(x, w, b, m, 4, 1, 1, max_active=bound, active_grad_x=active_grad_x)
+        y = sparse_conv3d(y, w, b, m, 4, 1, 1, max_active=bound, active_grad_x=active_grad_x)
+    gx, gw = torch.autograd.grad(y.square().sum(), [x, w])
+    return y.detach(), gx, gw
+
+
+@pytest.mark.parametrize("active_grad_x", [False, True])
+def test_owned_mask_shares_plans_across_convs_and_passes(
+    packed_path, sync_free, builds, active_grad_x
+):
+    """A shared mask: the second conv and both backwards reuse the first forward's block list
+    and windows; the results equal those of an unshared copy (which builds every call)."""
+    case = make_case((2, 3, 8, 8, 12), 3, 3, 4, 0.6, torch.float32, seed=3)
+    bound = per_sample_max(case["block_mask"])
+    loose = case["block_mask"].clone()
+    want = _conv_pair(case, loose, bound, active_grad_x)
+    unshared = dict(builds)
+    builds.update(cells=0, windows=0)
+    m = case["block_mask"].clone()
+    plan.share(m)
+    got = _conv_pair(case, m, bound, active_grad_x)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    extra = int(active_grad_x)  # the input blocks' list, their gradient and block windows
+    # unshared, per conv: forward 1 list + 2 windows (input windows, output blocks); backward
+    # the same list and 2 windows (input windows, output gradient), + the active-only ones
+    assert unshared == {"cells": 2 * (2 + extra), "windows": 2 * (4 + 2 * extra)}
+    # shared: built once, the output gradient's windows once more
+    assert builds == {"cells": 1 + extra, "windows": 3 + 2 * extra}
+
+
+def test_owned_mask_changed_in_place_is_planned_anew(packed_path, sync_free):
+    """An in-place change of a shared mask (its version counter) drops what was built for it."""
+    case = make_case((2, 3, 8, 8, 12), 3, 3, 4, 0.5, torch.float32, seed=4)
+    x, w = case["x"].float(), case["weight"].float()
+    m = case["block_mask"].clone()
+    plan.share(m)
+    with use_backend("packed"):
+        first = sparse_conv3d(x, w, None, m, 4, 1, 1, max_active=per_sample_max(m))
+        torch.testing.assert_close(first, sparse_conv3d_reference(x, w, None, m, 4, 1, 1))
+        m[0] = m[0].roll(1, dims=-1).clone()  # other cells, the same count: the same capacity
+        got = sparse_conv3d(x, w, None, m, 4, 1, 1, max_active=per_sample_max(m))
+    torch.testing.assert_close(got, sparse_conv3d_reference(x, w, None, m, 4, 1, 1))
+    assert not torch.equal(got, first)
+
+
+def test_unshared_masks_are_planned_every_call(packed_path, sync_free, builds):
+    case = make_case((2, 3, 8, 8, 12), 3, 3, 4, 0.6, torch.float32, seed=5)
+    x, w, m = case["x"].float(), case["weight"].float(), case["block_mask"]
+    with use_backend("packed"):
+        for _ in range(2):
+            sparse_conv3d(x, w, None, m, 4, 1, 1, max_active=per_sample_max(m))
+    assert builds["cells"] == 2 and builds["windows"] == 4
+
+
+def test_shared_plans_go_with_their_mask():
+    """What is built for a shared mask lives as long as the mask: no store outlives it."""
+    import gc
+
+    before = len(plan._SHARED)
+    m = torch.zeros(2, 3, 3, 3, dtype=torch.bool)
+    plan.share(m)
+    plan.share(m)  # sharing twice is one store
+    assert len(plan._SHARED) == before + 1
+    assert plan.cached(m, ("k",), lambda: 7) == 7 and plan.cached(m, ("k",), lambda: 8) == 7
+    del m
+    gc.collect()
+    assert len(plan._SHARED) == before
+    with torch.inference_mode():
+        inf = torch.zeros(2, 3, 3, 3, dtype=torch.bool)
+    plan.share(inf)  # no version counter: not shared
+    assert len(plan._SHARED) == before
+    assert plan.cached(inf, ("k",), lambda: 1) == 1 and plan.cached(inf, ("k",), lambda: 2) == 2

@@ -6,7 +6,8 @@
   for the weight gradient and the input gradient. Whatever x's layout, the batch is NDHWC: oneDNN
   runs it ~2x faster than NCDHW (no reorder to its blocked layout) and cuDNN's tensor-core convs
   want it. The block list and its row indices: ``sparse_conv_plan`` (exact on CPU; on CUDA a
-  fixed capacity from ``max_active``, no host sync). Per layer and pass the cost rule
+  fixed capacity from ``max_active``, no host sync; built once per geometry for a mask
+  ``mae3d.active_mask`` owns, ``sparse_conv_plan.share``). Per layer and pass the cost rule
   (``sparse_conv_plan.sparse_conv_cost``) sends it to the dense conv + mask instead when that is
   modelled cheaper (output blocks of 1-2 voxels, a halo costing 8-27x; no bound on CUDA).
 - ``reference``: dense conv, then the output mask.
@@ -86,6 +87,7 @@ class _Plan:
     def __init__(self, x, weight, block_mask, block_size, stride, padding, out_sp, max_active,
                  path, backward=False, needs_grad_x=True, active_grad_x=False):
         k = weight.shape[2]
+        self.block_mask = block_mask
         self.om = om = output_block_mask(block_mask, block_size, stride, out_sp)
         self.path, self.cells, self.pad = "dense", None, None
         if om is None:  # dense output: nothing to skip
@@ -97,7 +99,9 @@ class _Plan:
                             _dup(om.shape[1:], block_mask.shape[1:])) if self.free else None
         if cap is not None and cap >= total:
             return  # no bound below "every cell": the dense conv + mask is exact and cheaper
-        self.cells, self.pad = plan.active_cells(om, cap)
+        self.key = (block_size, stride, tuple(out_sp), cap)
+        self.cells, self.pad = plan.cached(block_mask, ("cells", *self.key),
+                                           lambda: plan.active_cells(om, cap))
         n = self.cells.numel()
         self.bo = output_block_size(block_size, stride)
         if cap is None and n == total:
@@ -118,8 +122,10 @@ class _Plan:
         self.path = path
 
     def windows(self, scale, offset, edge, spatial, valid=True):
-        return plan.windows(self.cells, self.pad if valid else None, tuple(self.om.shape[1:]),
-                            scale, offset, edge, spatial, exact=not self.free, check=valid)
+        args = (scale, offset, edge, tuple(spatial), valid)
+        return plan.cached(self.block_mask, ("windows", *self.key, *args), lambda: plan.windows(
+            self.cells, self.pad if valid else None, tuple(self.om.shape[1:]), scale, offset,
+            edge, tuple(spatial), exact=not self.free, check=valid))
 
 
 def packed_fwd(x, weight, bias, block_mask, block_size, stride, padding, max_active=None,
@@ -234,16 +240,22 @@ def _active_dgrad(grad_out, x, weight, block_mask, block_size, stride, padding, 
     # A capacity of every cell needs no free cell: it has no padding slot.
     cap = plan.capacity(block_mask.shape[0], block_mask[0].numel(), max_active) if p.free \
         else None
-    cells, pad = plan.active_cells(block_mask.bool(), cap)
     grid = tuple(block_mask.shape[1:])
     out_sp = tuple(grad_out.shape[2:])
-    gwin = plan.windows(cells, pad, grid, bo, a, n_o, out_sp, exact=not p.free)
-    gw = plan.gather(grad_out, gwin, keep=_window_activity(p.om, cells, grid, bo, a, n_o))
+    key = (block_size, stride, padding, k, out_sp, tuple(x.shape[2:]), cap)
+    cells, pad = plan.cached(block_mask, ("in cells", *key),
+                             lambda: plan.active_cells(block_mask.bool(), cap))
+    gwin = plan.cached(block_mask, ("g windows", *key), lambda: plan.windows(
+        cells, pad, grid, bo, a, n_o, out_sp, exact=not p.free))
+    keep = plan.cached(block_mask, ("g activity", *key),
+                       lambda: _window_activity(p.om, cells, grid, bo, a, n_o))
+    gw = plan.gather(grad_out, gwin, keep=keep)
     blk = F.conv_transpose3d(gw, weight, None, stride, pad_t, out_pad)  # (n, Cin, bs, bs, bs)
     fmt = memory_format(x)
     full = tuple(g * bs for g in grid)
     gx = _zeros(x, x.shape[1], full, fmt)
-    xwin = plan.windows(cells, None, grid, bs, 0, bs, full, exact=True, check=False)
+    xwin = plan.cached(block_mask, ("x blocks", *key), lambda: plan.windows(
+        cells, None, grid, bs, 0, bs, full, exact=True, check=False))
     plan.scatter(gx, xwin, blk.contiguous(memory_format=torch.channels_last_3d))
     return _crop(gx, x.shape[2:], fmt)
 
