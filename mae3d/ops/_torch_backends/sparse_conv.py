@@ -93,7 +93,8 @@ class _Plan:
         if om is None:  # dense output: nothing to skip
             return
         self.free = plan.sync_free(x)
-        plan.check_count(block_mask, max_active, "block_mask", self.free)
+        plan.cached(block_mask, ("count", max_active, self.free),  # once per shared mask
+                    lambda: plan.check_count(block_mask, max_active, "block_mask", self.free))
         total = om.numel()
         cap = plan.capacity(om.shape[0], total // max(om.shape[0], 1), max_active,
                             _dup(om.shape[1:], block_mask.shape[1:])) if self.free else None
