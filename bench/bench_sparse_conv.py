@@ -6,7 +6,8 @@ bias with requires_grad):
   mae3d        mae3d.ops.sparse_conv.sparse_conv3d on the device's default backend (packed blocks
                on CPU; on CUDA the dense conv + mask, measured faster than the Triton kernel)
   triton       (GPU) the op with its Triton implicit-GEMM kernel forced
-  packed       (GPU) the op with the packed backend forced (active blocks + halo, cuDNN, scatter)
+  packed       (GPU) the op with the packed backend forced (active blocks + halo, cuDNN, scatter;
+               max_active = the mask's visible count, so no host sync; its cost rule per pass)
   dense_mask   F.conv3d on the whole volume, then multiplied by the output mask: what SparK and
                S3D do (mae3d.reference.sparse_conv3d_reference is the same with a select)
   spconv       spconv SubMConv3d / SparseConv3d on the active voxels, when spconv is installed
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import gc
 import importlib.util
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,6 +72,7 @@ PROVIDERS = ("mae3d", "triton", "packed", "dense_mask", "spconv")
 FORCED = ("triton", "packed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd",)
+LAYOUTS = ("ncdhw", "ndhwc")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,6 +86,7 @@ class BenchConfig:
     passes: tuple[str, ...]
     timing: H.TimingConfig
     seed: int = 0
+    layouts: tuple[str, ...] = ("ncdhw",)  # ndhwc: x, weight, gradient channels_last_3d
 
 
 def block_size_at(size: int) -> int:
@@ -91,7 +95,7 @@ def block_size_at(size: int) -> int:
     return max(1, BLOCK0 * size // 160) if size >= 160 or size in (80, 40, 20, 10) else BLOCK0
 
 
-def make_inputs(case, ratio, cfg):
+def make_inputs(case, ratio, cfg, layout="ncdhw"):
     B, cin, cout, size, k, stride = case
     g = torch.Generator().manual_seed(cfg.seed)
     bs = block_size_at(size)
@@ -105,9 +109,16 @@ def make_inputs(case, ratio, cfg):
     out = conv_output_size(size, k, stride, k // 2)
     m = m.to(cfg.device)
     gy = torch.randn(B, cout, out, out, out, generator=g).to(cfg.device, cfg.dtype)
+    if layout == "ndhwc":
+        cl = torch.channels_last_3d
+        x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
+        w = w.detach().contiguous(memory_format=cl).requires_grad_()
     omask = output_voxel_mask(m, bs, stride, (out,) * 3)
+    # the visible cells per sample, read once before timing: the packed backend's capacity on
+    # CUDA (without it, it has no bound below every cell and runs the dense conv + mask)
+    bound = int(m.flatten(1).sum(1).max())
     return dict(x=x, xr=x.detach().clone().requires_grad_(), w=w, b=b, m=m, bs=bs, gy=gy,
-                omask=omask, k=k, stride=stride)
+                omask=omask, k=k, stride=stride, max_active=bound)
 
 
 def make_provider(name: str, inp: dict) -> Callable:
@@ -117,7 +128,9 @@ def make_provider(name: str, inp: dict) -> Callable:
     if name in FORCED:
         if not inp["x"].is_cuda:
             raise RuntimeError(f"{name} is compared on CUDA only")
-        return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2))
+        opts = {"max_active": inp["max_active"]} if name == "packed" else {}
+        return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2,
+                                                     **opts))
     if name == "dense_mask":
         return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
     if name == "spconv":
@@ -163,12 +176,12 @@ def check(name, f, inp, ref):
         print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
 
 
-def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
-    inp = make_inputs(case, ratio, cfg)
+def run_case(case, ratio, cfg, layout="ncdhw") -> tuple[list[H.Result], dict]:
+    inp = make_inputs(case, ratio, cfg, layout)
     B, cin, cout, size, k, stride = case
     out = conv_output_size(size, k, stride, k // 2)
     n_act = active_output_voxels(inp["m"], inp["bs"], stride, (out,) * 3)
-    variant = f"{cin}-{cout}k{k}s{stride}@r{ratio:g}"
+    variant = f"{cin}-{cout}k{k}s{stride}{'-cl' if layout == 'ndhwc' else ''}@r{ratio:g}"
     shape = (B, cin, size, size, size)
     esize = inp["x"].element_size()
     nbytes = (inp["x"].numel() + B * cout * out**3 + inp["w"].numel()) * esize
@@ -238,6 +251,9 @@ def build_config(argv=None):
     p.add_argument("--cases", type=_parse_cases,
                    help='e.g. "2x32x32x160x3x1,2x64x64x80x3x1" (BxCinxCoutxSIZExKxSTRIDE) or '
                         '"tiny" (the dry-run case)')
+    p.add_argument("--layouts", type=H.parse_list(LAYOUTS), default=("ncdhw",),
+                   help="ncdhw and/or ndhwc (channels_last_3d x, weight and gradient: variant "
+                        "suffix -cl), e.g. ncdhw,ndhwc")
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
@@ -251,7 +267,7 @@ def build_config(argv=None):
         device=device, dtype=DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")],
         cases=tuple(cases), ratios=a.ratios or (QUICK_RATIOS if a.quick else RATIOS),
         providers=providers, passes=a.passes or (QUICK_PASSES if a.quick else PASSES),
-        timing=timing, seed=a.seed)
+        timing=timing, seed=a.seed, layouts=tuple(a.layouts))
     return cfg, a
 
 
@@ -261,9 +277,9 @@ def main(argv=None) -> int:
     H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
     out = H.csv_path(args, env)
     data, tfl = [], {}
-    for case in cfg.cases:
+    for case, layout in itertools.product(cfg.cases, cfg.layouts):
         for ratio in cfg.ratios:
-            res, t = run_case(case, ratio, cfg)
+            res, t = run_case(case, ratio, cfg, layout)
             H.record(res, env, SUBJECT, out, data)
             tfl.update(t)
     print()

@@ -32,15 +32,18 @@
 #   ops_window_attention       90      85 s  b: BertsWin b2, shift 0 and 3, fwd and fwd+bwd:
 #                                            mae3d, eager, SDPA, FlexAttention (8 Triton and 4
 #                                            flex compiles ~80 s; never timed on a GPU yet)
-#   ops_sparse_conv            40      30 s  b: 32->32 @160^3, 64->64 @80^3, ratio 0.75, fwd+bwd:
-#                                            mae3d (cuDNN dense + mask), Triton, packed, dense +
-#                                            mask (passes of 35 / 14 and 10 / 3 ms)
+#   ops_sparse_conv            70      60 s  b: 32->32 @160^3, 64->64 @80^3, ratio 0.75, fwd+bwd,
+#                                            NCDHW and NDHWC: mae3d (cuDNN dense + mask), Triton,
+#                                            packed (sync-free, cost rule), dense + mask (passes of
+#                                            35 / 14 and 10 / 3 ms; NDHWC never timed yet)
 #   design                     60      30 s  c: profiler split device vs host, CUDA-graph replay,
 #                                            masked-norm autotune sweep -> configs.json
 #   models_bertswin            45      20 s  d: BertsWin base 224^3 b2 bf16 step, fused vs eager
-#   models_s3d                 45      25 s  d: S3D ResEnc-L 160^3 b2 bf16 step vs nnssl emulation
+#   models_s3d                 55      40 s  d: S3D ResEnc-L 160^3 b2 bf16 step vs nnssl emulation:
+#                                            mae3d (dense convs on CUDA), mae3d_packed (packed
+#                                            sparse convs, no host sync), step + encoder, memory
 #   tests                    rest     200 s  e: the suite (tests/ops first), junit XML: what the
-#                                            deadline leaves (>= 510 - 425 = 85 s by the budgets)
+#                                            deadline leaves (>= 510 - 465 = 45 s by the budgets)
 #   total              25 + 510  25 + 510 s  = 8.9 min of the device call
 # Outputs (8 files, flat, each well under 16 MB): gpu.csv (benchmark rows, bench/harness.py
 # columns), smoke.csv, design.csv, configs.json (commit as kernels/configs/<gpu>.json),
@@ -115,7 +118,7 @@ if [ $tiny = 1 ]; then
              --passes fwd+bwd --min-run-time 0.05)
     wa_args=(--quick --cases tiny --providers mae3d,eager,sdpa --passes fwd,fwd+bwd --min-run-time 0.05)
     sc_args=(--quick --cases tiny --ratios 0.75 --providers mae3d,dense_mask --passes fwd+bwd
-             --min-run-time 0.05)
+             --layouts ncdhw,ndhwc --min-run-time 0.05)
     design_args=(--tiny --reps 1)
     s3d_args=(--quick --config tiny --ratios 0.75 --providers mae3d,nnssl_eager --min-run-time 0.05)
     bw_args=(--quick --cases tiny --providers mae3d,eager --min-run-time 0.05)
@@ -127,10 +130,12 @@ else
     wa_args=(--cases bertswin --batch 2 --providers mae3d,eager,sdpa,flex --passes fwd,fwd+bwd
              --rep-ms 30)
     sc_args=(--cases 2x32x32x160x3x1,2x64x64x80x3x1 --ratios 0.75
-             --providers mae3d,triton,packed,dense_mask --passes fwd+bwd --rep-ms 30)
+             --providers mae3d,triton,packed,dense_mask --passes fwd+bwd --layouts ncdhw,ndhwc
+             --rep-ms 30)
     smoke_args=()
     design_args=()
-    s3d_args=(--config resenc-l --ratios 0.75 --providers mae3d,nnssl_eager --rep-ms 30)
+    s3d_args=(--config resenc-l --ratios 0.75 --providers mae3d,mae3d_packed,nnssl_eager
+              --rep-ms 30)
     bw_args=(--cases published --providers mae3d,eager --rep-ms 30)
     pytest_args=(tests/ops tests)
 fi
@@ -140,13 +145,13 @@ stage smoke 70 "$py" bench/gpu_smoke.py --out "$out/smoke.csv" "${dev[@]}" "${sm
 # b: the ops at production shapes against the decisive providers
 stage ops_masked_norm 75 "$py" bench/bench_masked_norm.py "${bench[@]}" "${mn_args[@]}"
 stage ops_window_attention 90 "$py" bench/bench_window_attention.py "${bench[@]}" "${wa_args[@]}"
-stage ops_sparse_conv 40 "$py" bench/bench_sparse_conv.py "${bench[@]}" "${sc_args[@]}"
+stage ops_sparse_conv 70 "$py" bench/bench_sparse_conv.py "${bench[@]}" "${sc_args[@]}"
 # c: the kernel issues' design questions; sweep winners as a kernels/configs/<gpu>.json file
 stage design 60 "$py" bench/gpu_design.py --out "$out/design.csv" \
     --configs "$out/configs.json" "${dev[@]}" "${design_args[@]}"
 # d: whole training steps against their baselines, with peak memory
 stage models_bertswin 45 "$py" bench/bench_bertswin.py "${bench[@]}" "${bw_args[@]}"
-stage models_s3d 45 "$py" bench/bench_s3d.py "${bench[@]}" "${s3d_args[@]}"
+stage models_s3d 55 "$py" bench/bench_s3d.py "${bench[@]}" "${s3d_args[@]}"
 # e: the test suite, with whatever time is left
 # shellcheck disable=SC2086
 stage tests 100000 "$py" -m pytest -q -rfE -p no:cacheprovider --junitxml="$out/tests.xml" \
