@@ -222,13 +222,13 @@ def _flops() -> int:
 def _bench(args: argparse.Namespace, rest: list[str]) -> int:
     from mae3d.errors import UserError
 
-    script = os.path.join(_repo_root(), "bench", f"bench_{args.op}.py")
+    script = os.path.join(_repo_root(), "bench", f"{args.op}.py")
     if not os.path.exists(script):
         raise UserError(f"{script} not found (benchmarks run from a source checkout)")
     sys.argv = [script, *rest]
-    sys.path.insert(0, os.path.dirname(script))  # as `python bench/bench_x.py` would
+    sys.path.insert(0, _repo_root())  # as `python -m bench.<op>` from the checkout would
     try:
-        runpy.run_path(script, run_name="__main__")
+        runpy.run_module(f"bench.{args.op}", run_name="__main__")
     except SystemExit as e:  # the script's own exit status (its flags are its own)
         return _exit_code(e)
     return 0
