@@ -203,9 +203,7 @@ def build_config(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg["device"])
-    H.print_header(OP, env, cfg["dtype"], *backend_for(cfg["device"].type))
-    path = H.csv_path(args, env)
+    env, path = H.start(OP, args, cfg["device"], cfg["dtype"], backend_for)
     data: list[dict] = []
     for case in cfg["cases"]:
         H.record(run_case(case, cfg), env, SUBJECT, path, data)

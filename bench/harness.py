@@ -163,14 +163,46 @@ def check_same(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dty
     compute the same thing, and its timing means nothing next to mae3d's."""
     diff = (got.detach().float() - ref.detach().float()).abs()
     scale = max(1.0, ref.detach().float().abs().max().item()) if ref.numel() else 1.0
-    off = (diff > SAME_TOL.get(dtype, 1e-4) * scale).float().mean().item() if diff.numel() else 0.0
-    if off <= max_off_fraction:  # NaN fails
+    within = diff <= SAME_TOL.get(dtype, 1e-4) * scale  # NaN is not
+    off = (~within).float().mean().item() if diff.numel() else 0.0
+    if off <= max_off_fraction:
         return True
     print(
         f"  WARNING {name}: {off:.2e} of {what} elements differ from mae3d's (max "
         f"{diff.max().item():.3g}, max |ref| {scale:.3g}): not the same computation"
     )
     return False
+
+
+def ready(
+    names: Sequence[str],
+    make: Callable[[str], Callable],
+    subject: str,
+    reference: Callable[[Callable], object],
+    check: Callable[[str, Callable, object], object],
+    on_skip: Callable[[str, str], str] | None = None,
+) -> dict[str, Callable]:
+    """The providers of ``names`` ready to time, the subject first: ``make(name)`` builds one,
+    ``reference(f)`` computes the subject's result and ``check(name, f, ref)`` compares another's
+    with it (warning on a mismatch). The subject must build; another that raises is skipped with
+    a message (``on_skip(name, message)`` returns the message, e.g. noting a failure to
+    remember)."""
+    fns: dict[str, Callable] = {}
+    ref = None
+    for name in sorted(names, key=lambda p: p != subject):
+        try:
+            f = make(name)
+            if name == subject:
+                ref = reference(f)
+            else:
+                check(name, f, ref)
+            fns[name] = f
+        except Exception as e:
+            if name == subject:
+                raise
+            msg = why(e)
+            print(f"  SKIP {name}: {on_skip(name, msg) if on_skip else msg}")
+    return fns
 
 
 def release(device: torch.device) -> None:
@@ -483,6 +515,15 @@ def print_header(op: str, env: Env, dtype: torch.dtype, backend: str, why: str) 
     print(f"mae3d backend: {backend} ({why})")
     if backend == "reference":
         print("WARNING: mae3d runs the plain-PyTorch reference backend: not kernel numbers")
+
+
+def start(op: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+          backend_for: Callable[[str], tuple[str, str]]) -> tuple[Env, Path | None]:
+    """A run's beginning: its environment, the header naming the backend mae3d runs on the
+    device (``backend_for`` of the op), and where its rows go."""
+    env = environment(device)
+    print_header(op, env, dtype, *backend_for(device.type))
+    return env, csv_path(args, env)
 
 
 def add_run_args(p: argparse.ArgumentParser, dtypes: dict[str, torch.dtype]) -> None:

@@ -138,7 +138,22 @@ def backend_of(name: str, device: torch.device) -> str:
     return "inductor" if name == "compiled_formula" else "torch"
 
 
-def check(name: str, f: Callable, inp: Inputs, ref: tuple[Tensor, ...], bwd: bool) -> None:
+def subject_result(f: Callable, inp: Inputs, bwd: bool) -> tuple[Tensor, ...]:
+    """mae3d's output (and x-gradient): what the other providers are checked against."""
+    ref = [f(inp.x).detach()]
+    if bwd:
+        ref.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
+    return tuple(ref)
+
+
+def skipped(name: str, why: str) -> str:
+    if name != "compiled_formula":
+        return why
+    _COMPILE_FAILED.append(why)
+    return why + " (torch.compile failed: compiled_formula is skipped for the whole run)"
+
+
+def check(name: str, f: Callable, ref: tuple[Tensor, ...], inp: Inputs, bwd: bool) -> None:
     """Print a warning when f's output (and x-gradient) differs from the mae3d one."""
     got = [f(inp.x).detach()]
     if bwd:
@@ -159,29 +174,11 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
 def run_case(variant: str, shape: tuple[int, ...], cfg: BenchConfig) -> list[H.Result]:
     inp = make_inputs(shape, cfg)
     names = [p for p in cfg.providers if ONLY_VARIANT.get(p, variant) == variant]
-    names.sort(key=lambda p: p != SUBJECT)  # mae3d first: the others are checked against it
     need_bwd = any(m != "fwd" for m in cfg.passes)
-    fns: dict[str, Callable] = {}
-    for name in names:
-        if name == "compiled_formula" and _COMPILE_FAILED:
-            continue
-        try:
-            f = make_provider(name, variant, inp)
-            if name == SUBJECT:
-                ref = [f(inp.x).detach()]
-                if need_bwd:
-                    ref.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
-            else:
-                check(name, f, inp, tuple(ref), need_bwd)  # also compiles compiled_formula
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            why = H.why(e)
-            if name == "compiled_formula":
-                _COMPILE_FAILED.append(why)
-                why += " (torch.compile failed: compiled_formula is skipped for the whole run)"
-            print(f"  SKIP {name}: {why}")
+    names = [p for p in names if not (p == "compiled_formula" and _COMPILE_FAILED)]
+    fns = H.ready(names, partial(make_provider, variant=variant, inp=inp), SUBJECT,
+                  partial(subject_result, inp=inp, bwd=need_bwd),
+                  partial(check, inp=inp, bwd=need_bwd), skipped)  # check compiles, too
     numel = math.prod(shape)
     ceiling = H.copy_bandwidth_gbps(numel, cfg.dtype, cfg.device, cfg.timing)
     results = []
@@ -300,9 +297,7 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data: list[dict] = []
     for variant in cfg.variants:
         for shape in cfg.shapes:

@@ -206,9 +206,7 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data = []
     for ratio in cfg.ratios:
         H.record(run_ratio(ratio, cfg), env, SUBJECT, out, data)

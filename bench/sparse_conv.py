@@ -124,7 +124,11 @@ def _forced(backend: str, f: Callable) -> Callable:
     return H.forced(f, sparse_conv3d=backend)
 
 
-def check(name, f, inp, ref):
+def subject_result(f, inp):
+    return f(inp["x"]).detach().float()
+
+
+def check(name, f, ref, inp):
     H.check_same(name, f(inp["x"]), ref, inp["x"].dtype)
 
 
@@ -138,19 +142,8 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
     esize = inp["x"].element_size()
     nbytes = (inp["x"].numel() + B * cout * out**3 + inp["w"].numel()) * esize
     ceiling = H.copy_bandwidth_gbps(inp["x"].numel(), cfg.dtype, cfg.device, cfg.timing)
-    fns, ref = {}, None
-    for name in cfg.providers:
-        try:
-            f = make_provider(name, inp)
-            if name == SUBJECT:
-                ref = f(inp["x"]).detach().float()
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {H.why(e)}")
+    fns = H.ready(cfg.providers, partial(make_provider, inp=inp), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     results, tflops = [], {}
     for mode in cfg.passes:
         flops = sparse_conv3d_flops(tuple(inp["w"].shape), n_act, backward=False) * (
@@ -220,9 +213,7 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data, tfl = [], {}
     for case in cfg.cases:
         for ratio in cfg.ratios:

@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
     B = a.batch or (2 if gpu else 1)
-    env = H.environment(device)
-    H.print_header(OP, env, dtype, *backend_for(device.type))
+    env, path = H.start(OP, a, device, dtype, backend_for)
     torch.manual_seed(a.seed)
     base = SwinUNETR(in_channels=1, out_channels=2, feature_size=a.feature_size,
                      spatial_dims=3).to(device)
@@ -88,7 +87,6 @@ def main(argv: list[str] | None = None) -> int:
               f"{mem:9.1f} MiB", flush=True)
         del model
     H.check_same("monai", outs["monai"], outs["mae3d"], dtype, "last-stage")
-    path = H.csv_path(a, env)
     data: list[dict] = []
     H.record(results, env, SUBJECT, path, data)
     H.finish(data, path)

@@ -141,27 +141,18 @@ def flops(case: Case, mode: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def check(name: str, f: Callable, inp: Inputs, ref: Tensor) -> None:
+def subject_result(f: Callable, inp: Inputs) -> Tensor:
+    return f(inp.qkv.detach(), inp.table.detach())
+
+
+def check(name: str, f: Callable, ref: Tensor, inp: Inputs) -> None:
     H.check_same(name, f(inp.qkv.detach(), inp.table.detach()), ref, ref.dtype)
 
 
 def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
     inp = make_inputs(case, cfg)
-    fns: dict[str, Callable] = {}
-    ref = None
-    for name in sorted(cfg.providers, key=lambda p: p != SUBJECT):
-        try:
-            f = make_provider(name, case)
-            if name == SUBJECT:
-                ref = f(inp.qkv.detach(), inp.table.detach())
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {H.why(e)}")
-    del ref
+    fns = H.ready(cfg.providers, partial(make_provider, case=case), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     ceiling = H.copy_bandwidth_gbps(math.prod(case.shape), cfg.dtype, cfg.device, cfg.timing)
     results = []
     for mode in cfg.passes:
@@ -222,9 +213,7 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    path = H.csv_path(args, env)
+    env, path = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data: list[dict] = []
     for case in cfg.cases:
         H.record(run_case(case, cfg), env, SUBJECT, path, data)
