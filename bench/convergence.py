@@ -35,8 +35,8 @@ model, recipe, train_loss, eval_mse, seconds, params (train_loss empty on the st
 row, eval_mse empty between evaluations, seconds = cumulative training time without
 evaluation), ``convergence-<device>.png`` and ``convergence-<device>.json`` (settings, summary).
 
-  PYTHONPATH=. python bench/convergence.py --quick --threads 2      # seconds, CPU
-  PYTHONPATH=. python bench/convergence.py                           # on a GPU: scaled analogue
+  python -m bench.convergence --quick --threads 2      # seconds, CPU
+  python -m bench.convergence                           # on a GPU: scaled analogue
 """
 
 from __future__ import annotations
@@ -51,12 +51,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script or loaded by path
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import harness as H
-
+from bench import harness as H
 from mae3d.data import NiftiVolumeDataset, PatchDataset, step_generator
 from mae3d.errors import NonFiniteLossError, UserError
 from mae3d.masking import random_block_mask, upsample_block_mask

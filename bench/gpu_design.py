@@ -12,8 +12,8 @@ scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
             kernels (BLOCK_S x num_warps); kernel issues add their sweeps to ``SWEEPS``.
 Rows: question, op, case, variant, metric, value, unit, device, torch, triton, git_sha, date.
 
-    python bench/gpu_design.py --out design.csv --configs configs.json        # CUDA
-    TRITON_INTERPRET=1 python bench/gpu_design.py --device cpu --tiny --out d.csv --configs c.json
+    python -m bench.gpu_design --out design.csv --configs configs.json        # CUDA
+    TRITON_INTERPRET=1 python -m bench.gpu_design --device cpu --tiny --out d.csv --configs c.json
 """
 
 from __future__ import annotations
@@ -29,12 +29,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import harness as H  # noqa: E402
-from mae3d.ops import masked_norm, use_backend, window_attention3d  # noqa: E402
+from bench import harness as H
+from mae3d.ops import masked_norm, use_backend, window_attention3d
 
 COLUMNS = (
     "question",

@@ -1,8 +1,8 @@
 """Static sm_90 report: what every Triton launch of the mae3d ops compiles to at production shapes,
 and how many device launches and how much host time each pass costs, on a machine without a GPU.
 
-    python bench/static_report.py --out bench/results/sm90-static.csv          # all cases
-    python bench/static_report.py --out FILE.csv --subset ci --jobs 2          # the CI subset
+    python -m bench.static_report --out bench/results/sm90-static.csv          # all cases
+    python -m bench.static_report --out FILE.csv --subset ci --jobs 2          # the CI subset
 
 Method (nothing runs on a device, nothing touches production-size data):
 
@@ -59,7 +59,6 @@ import functools
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -70,11 +69,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns witho
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: python bench/static_report.py
-    sys.path.insert(0, str(REPO))
-
-from bench.sm90 import LaunchCounter, analyze, fake_gpu  # noqa: E402
+from bench.harness import git_sha
+from bench.sm90 import LaunchCounter, analyze, fake_gpu
 
 COLUMNS = (
     "kind",
@@ -376,20 +372,6 @@ def run_case(job: tuple[str, str, bool, int, int]) -> list[dict]:
     return _passes(case, compile, arch, reps)
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=REPO,
-            text=True,
-            capture_output=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def report(
     cases: list[Case], compile: bool = True, arch: int = 90, reps: int = 20, jobs: int = 1
 ) -> list[dict]:
@@ -412,7 +394,7 @@ def report(
         "arch": f"sm_{arch}",
         "triton_version": triton.__version__,
         "torch_version": torch.__version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return [{**{k: "" for k in COLUMNS}, **r, **common} for rows in results for r in rows]

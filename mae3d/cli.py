@@ -29,12 +29,9 @@ from contextlib import contextmanager
 from typing import Any
 
 EXIT_USER, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
-# mae3d bench --op NAME -> the script it runs (under bench/ of a source checkout)
-BENCH_SCRIPTS = {"masked_norm": "bench_masked_norm.py",
-                 "window_attention": "bench_window_attention.py",
-                 "sparse_conv": "bench_sparse_conv.py", "s3d": "bench_s3d.py",
-                 "bertswin": "bench_bertswin.py", "swinunetr": "bench_swinunetr.py",
-                 "convergence": "convergence.py"}
+# mae3d bench --op NAME runs the module bench.NAME (bench/ of a source checkout)
+BENCH_SCRIPTS = ("masked_norm", "window_attention", "sparse_conv", "s3d", "bertswin", "swinunetr",
+                 "convergence")  # modules of the bench package: python -m bench.<name>
 _COMMANDS = {  # subcommand -> (config class name in mae3d.train.config, help)
     "pretrain": ("PretrainConfig", "masked-autoencoder pre-training (S3D, BertsWin, ViT-MAE)"),
     "finetune": ("FinetuneConfig", "segmentation fine-tuning from a pre-trained S3D encoder"),
@@ -287,23 +284,23 @@ def _one_line_argparse_errors(prog: str) -> Iterator[None]:
 
 
 def _bench(op: str, rest: list[str]) -> int:
-    """Run ``bench/<script>`` of ``--op`` with the remaining arguments (its own flags; --help
+    """Run the benchmark module ``bench.<op>`` with the remaining arguments (its own flags; --help
     prints them)."""
     from mae3d.errors import UserError
 
-    script = os.path.join(_repo_root(), "bench", BENCH_SCRIPTS[op])
+    script = os.path.join(_repo_root(), "bench", f"{op}.py")
     if not os.path.exists(script):
         raise UserError(f"{script} not found (benchmarks run from a source checkout)")
     prog = f"mae3d bench --op {op}"
     if "-h" in rest or "--help" in rest:
         print(f"usage: mae3d bench [--op {{{','.join(BENCH_SCRIPTS)}}}] [flags of the script]\n"
-              f"runs bench/{BENCH_SCRIPTS[op]} (default --op masked_norm); its flags:\n")
+              f"runs python -m bench.{op} (default --op masked_norm); its flags:\n")
     argv, path = sys.argv, list(sys.path)
     sys.argv = [prog, *rest]  # argparse names the script by sys.argv[0]
-    sys.path.insert(0, os.path.dirname(script))  # as `python bench/bench_x.py` would
+    sys.path.insert(0, _repo_root())  # as `python -m bench.<op>` from the checkout would
     try:
         with _one_line_argparse_errors(prog):
-            runpy.run_path(script, run_name="__main__")
+            runpy.run_module(f"bench.{op}", run_name="__main__")
     except SystemExit as e:  # the script's own exit status (its flags are its own)
         return _exit_code(e)
     finally:

@@ -141,17 +141,17 @@ else
 fi
 
 # a: correctness first: a wrong kernel makes every later number meaningless
-stage smoke 70 "$py" bench/gpu_smoke.py --out "$out/smoke.csv" "${dev[@]}" "${smoke_args[@]}"
+stage smoke 70 "$py" -m bench.gpu_smoke --out "$out/smoke.csv" "${dev[@]}" "${smoke_args[@]}"
 # b: the ops at production shapes against the decisive providers
-stage ops_masked_norm 75 "$py" bench/bench_masked_norm.py "${bench[@]}" "${mn_args[@]}"
-stage ops_window_attention 90 "$py" bench/bench_window_attention.py "${bench[@]}" "${wa_args[@]}"
-stage ops_sparse_conv 70 "$py" bench/bench_sparse_conv.py "${bench[@]}" "${sc_args[@]}"
+stage ops_masked_norm 75 "$py" -m bench.masked_norm "${bench[@]}" "${mn_args[@]}"
+stage ops_window_attention 90 "$py" -m bench.window_attention "${bench[@]}" "${wa_args[@]}"
+stage ops_sparse_conv 70 "$py" -m bench.sparse_conv "${bench[@]}" "${sc_args[@]}"
 # c: the kernel issues' design questions; sweep winners as a kernels/configs/<gpu>.json file
-stage design 60 "$py" bench/gpu_design.py --out "$out/design.csv" \
+stage design 60 "$py" -m bench.gpu_design --out "$out/design.csv" \
     --configs "$out/configs.json" "${dev[@]}" "${design_args[@]}"
 # d: whole training steps against their baselines, with peak memory
-stage models_bertswin 45 "$py" bench/bench_bertswin.py "${bench[@]}" "${bw_args[@]}"
-stage models_s3d 55 "$py" bench/bench_s3d.py "${bench[@]}" "${s3d_args[@]}"
+stage models_bertswin 45 "$py" -m bench.bertswin "${bench[@]}" "${bw_args[@]}"
+stage models_s3d 55 "$py" -m bench.s3d "${bench[@]}" "${s3d_args[@]}"
 # e: the test suite, with whatever time is left
 # shellcheck disable=SC2086
 stage tests 100000 "$py" -m pytest -q -rfE -p no:cacheprovider --junitxml="$out/tests.xml" \

@@ -1,4 +1,4 @@
-"""bench/convergence.py: the --quick run end to end (CSV rows of the three runs - BertsWin +
+"""bench.convergence: the --quick run end to end (CSV rows of the three runs - BertsWin +
 GradientConductor, BertsWin + AdamW, ViT-MAE + AdamW - PNG, JSON), that the runs see the same
 crops and masks, the held-out metric against a hand-computed answer, and the errors a user can
 cause."""
@@ -6,32 +6,15 @@ cause."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from bench import convergence as conv
 from mae3d.models.base import MAEOutput
-
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "convergence.py"
-
-
-def _load():
-    name = "mae3d_bench_convergence"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look the module up while the file executes
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-conv = _load()
 
 
 class _ZeroMasked(nn.Module):

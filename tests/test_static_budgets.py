@@ -1,4 +1,4 @@
-"""CI budgets on the static sm_90 report (``bench/static_report.py``), checked without a GPU.
+"""CI budgets on the static sm_90 report (``python -m bench.static_report``), checked without a GPU.
 
 * No register spills in an op's kernels at production shapes, except the named allowances below
   (today's exact byte counts, ceilings that can only be tightened: a kernel that spills less
@@ -64,7 +64,8 @@ def _report(tmp_path_factory, *args) -> list[dict]:
     proc = subprocess.run(
         [
             sys.executable,
-            str(REPO / "bench" / "static_report.py"),
+            "-m",
+            "bench.static_report",
             "--out",
             str(out),
             "--reps",

@@ -12,13 +12,14 @@ bias with requires_grad):
                S3D do (mae3d.reference.sparse_conv3d_reference is the same with a select)
   spconv       spconv SubMConv3d / SparseConv3d on the active voxels, when spconv is installed
                (fp16 only; stride-1 convs); the voxel list is built outside the timed region
+(the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph, fixed upstream gradient); fwd+bwd.
 TFLOP/s are effective: the FLOPs of the active output voxels (what the op computes,
 2 * Cin * Cout * k^3 per voxel, x2 for the backward) over the measured time, for every provider.
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_sparse_conv.py --quick --threads 2   # CPU: 64^3 fwd, ~1 min
-  PYTHONPATH=. python bench/bench_sparse_conv.py                       # GPU: bf16, ResEnc-L convs
+  python -m bench.sparse_conv --quick --threads 2   # CPU: 64^3 fwd, ~1 min
+  python -m bench.sparse_conv                       # GPU: bf16, ResEnc-L convs
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns; variant =
 "<cin>-<cout>k<k>s<stride>@r<ratio>", shape = the input's BxCxDxHxW).
 """
@@ -26,8 +27,6 @@ Rows are appended to bench/results/<device>.csv (see bench/harness.py for the co
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.util
 import itertools
 import sys
 from collections.abc import Callable
@@ -35,13 +34,9 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_sparse_conv.py
-    import harness as H
-
+from bench import baselines
+from bench import harness as H
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.ops.sparse_conv import (
     active_output_voxels,
@@ -132,48 +127,22 @@ def make_provider(name: str, inp: dict) -> Callable:
         return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2,
                                                      **opts))
     if name == "dense_mask":
-        return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
+        return lambda x: baselines.dense_mask_conv(x, inp["w"], inp["b"], s, k // 2, omask)
     if name == "spconv":
-        return _spconv_provider(inp)
+        return baselines.spconv_submconv(inp["x"], inp["w"], m, bs, s)
     raise ValueError(name)
 
 
 def _forced(backend: str, f: Callable) -> Callable:
-    def g(*args):
-        with H.sparse_conv_backend(backend):
-            return f(*args)
-
-    return g
+    return H.forced(f, sparse_conv3d=backend)
 
 
-def _spconv_provider(inp):
-    if importlib.util.find_spec("spconv") is None:
-        raise RuntimeError("spconv is not installed")
-    if inp["stride"] != 1 or inp["x"].dtype != torch.float16 or not inp["x"].is_cuda:
-        raise RuntimeError("compared on CUDA fp16 stride-1 convs only (spconv has no bf16)")
-    import spconv.pytorch as spconv
-
-    x, w = inp["x"], inp["w"]
-    B, cin, *spatial = x.shape
-    conv = spconv.SubMConv3d(cin, w.shape[0], inp["k"], bias=True).to(x.device, x.dtype)
-    vis = upsample_block_mask(inp["m"], inp["bs"], spatial)[:, 0]
-    idx = vis.nonzero().int()  # (N, 4) b, d, h, w
-
-    def f(xx):
-        feats = xx.permute(0, 2, 3, 4, 1)[vis]
-        st = spconv.SparseConvTensor(feats, idx, spatial, B)
-        return conv(st).dense()
-
-    return f
+def subject_result(f, inp):
+    return f(inp["x"]).detach().float()
 
 
-def check(name, f, inp, ref):
-    got = f(inp["x"]).detach().float()
-    err = (got - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    tol = 1e-4 if inp["x"].dtype == torch.float32 else 5e-2
-    if not err <= tol * scale:
-        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+def check(name, f, ref, inp):
+    H.check_same(name, f(inp["x"]), ref, inp["x"].dtype)
 
 
 def run_case(case, ratio, cfg, layout="ncdhw") -> tuple[list[H.Result], dict]:
@@ -186,19 +155,8 @@ def run_case(case, ratio, cfg, layout="ncdhw") -> tuple[list[H.Result], dict]:
     esize = inp["x"].element_size()
     nbytes = (inp["x"].numel() + B * cout * out**3 + inp["w"].numel()) * esize
     ceiling = H.copy_bandwidth_gbps(inp["x"].numel(), cfg.dtype, cfg.device, cfg.timing)
-    fns, ref = {}, None
-    for name in cfg.providers:
-        try:
-            f = make_provider(name, inp)
-            if name == SUBJECT:
-                ref = f(inp["x"]).detach().float()
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    fns = H.ready(cfg.providers, partial(make_provider, inp=inp), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     results, tflops = [], {}
     for mode in cfg.passes:
         flops = sparse_conv3d_flops(tuple(inp["w"].shape), n_act, backward=False) * (
@@ -218,9 +176,7 @@ def run_case(case, ratio, cfg, layout="ncdhw") -> tuple[list[H.Result], dict]:
                   f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}]  {tflops[(variant, mode, name)]:7.3f} "
                   f"eff. TFLOP/s  {mem:8.1f} MiB", flush=True)
     del fns, inp
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results, tflops
 
 
@@ -273,25 +229,21 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data, tfl = [], {}
     for case, layout in itertools.product(cfg.cases, cfg.layouts):
         for ratio in cfg.ratios:
             res, t = run_case(case, ratio, cfg, layout)
             H.record(res, env, SUBJECT, out, data)
             tfl.update(t)
-    print()
-    print(H.format_table(data))
-    print("\nSummary (p50; speed-up = dense_mask time / mae3d time):")
+    lines = ["Summary (p50; speed-up = dense_mask time / mae3d time):"]
     for d in data:
         if d["provider"] == "dense_mask" and d["subject_speedup"]:
             key = (d["variant"], d["mode"])
-            print(f"  {d['variant']:<22} {d['mode']:<7} {float(d['subject_speedup']):6.2f}x  "
-                  f"(mae3d {tfl[(*key, SUBJECT)]:.3f} eff. TFLOP/s)")
-    if out is not None:
-        print(f"\n{len(data)} rows appended to {out}")
+            lines.append(f"  {d['variant']:<22} {d['mode']:<7} "
+                         f"{float(d['subject_speedup']):6.2f}x  "
+                         f"(mae3d {tfl[(*key, SUBJECT)]:.3f} eff. TFLOP/s)")
+    H.finish(data, out, "\n".join(lines))
     return 0
 
 

@@ -10,20 +10,20 @@ grad):
   compiled  torch.compile(eager) (GPU default; compile time excluded)
   flex      FlexAttention under torch.compile on the partitioned windows, score_mod adds the
             gathered bias and the shift mask (GPU only; learnable bias through its backward)
+(the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph); fwd+bwd. TFLOP/s use the matmul count of
 ``window_attention3d_flops`` (forward 4 * N * window_volume * hd per head and sample, backward
 2.5x that).
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_window_attention.py --quick --no-csv   # CPU, BertsWin batch 1
-  PYTHONPATH=. python bench/bench_window_attention.py                    # on a GPU: bf16, all
+  python -m bench.window_attention --quick --no-csv   # CPU, BertsWin batch 1
+  python -m bench.window_attention                    # on a GPU: bf16, all
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from collections.abc import Callable
@@ -31,22 +31,12 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_window_attention.py
-    import harness as H
-
+from bench import baselines
+from bench import harness as H
 from mae3d.ops.window_attention import backend_for, window_attention3d, window_attention3d_flops
-from mae3d.reference.window_attention import (
-    _Windows,
-    region_labels,
-    table_rows,
-    window_attention3d_reference,
-    window_bias,
-)
+from mae3d.reference.window_attention import table_rows
 
 OP = "window_attention3d"
 SUBJECT = "mae3d"
@@ -54,7 +44,6 @@ PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex")
 CPU_PROVIDERS = ("mae3d", "eager", "sdpa")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |mae3d|
 
 
 @dataclass(frozen=True)
@@ -117,55 +106,6 @@ def make_inputs(case: Case, cfg: BenchConfig) -> Inputs:
                   gy.to(dev, dt))
 
 
-# ------------------------------------------------------------------------------------------------
-# Baselines written for this benchmark
-# ------------------------------------------------------------------------------------------------
-def _bias_and_mask(g: _Windows, table: Tensor) -> Tensor:
-    """(nW or 1, heads, N, N) additive bias + shift mask, as eager torchvision builds them."""
-    bias = window_bias(table, g.ws)[None]
-    if sum(g.ss) > 0:
-        lab = region_labels(g.padded, g.ws, g.ss, table.device)
-        lab = lab.view(g.padded[0] // g.ws[0], g.ws[0], g.padded[1] // g.ws[1], g.ws[1],
-                       g.padded[2] // g.ws[2], g.ws[2]).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        lab = lab.flatten(0, 2)  # (nW, N)
-        mask = torch.where(lab[:, :, None] != lab[:, None, :], -100.0, 0.0).to(bias.dtype)
-        bias = bias + mask[:, None]
-    return bias
-
-
-def sdpa_windows(q: Tensor, k: Tensor, v: Tensor, case: Case, table: Tensor) -> Tensor:
-    g = _Windows(q.shape, case.window, case.shift)
-    qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)  # (B, nW, heads, N, hd)
-    B, nW, nh, N, hd = qw.shape
-    mask = _bias_and_mask(g, table).expand(B, nW, nh, N, N).reshape(B * nW, nh, N, N)
-    out = F.scaled_dot_product_attention(qw.reshape(B * nW, nh, N, hd),
-                                         kw.reshape(B * nW, nh, N, hd),
-                                         vw.reshape(B * nW, nh, N, hd), attn_mask=mask)
-    return g.unwindows(out.view(B, nW, nh, N, hd))
-
-
-def flex_windows(case: Case) -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def fn(q, k, v, table):
-        g = _Windows(q.shape, case.window, case.shift)
-        qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)
-        B, nW, nh, N, hd = qw.shape
-        bm = _bias_and_mask(g, table)  # (nW or 1, heads, N, N), differentiable in the table
-        nb = bm.shape[0]
-
-        def score_mod(score, b, h, qi, ki):
-            return score + bm[b % nb, h, qi, ki]
-
-        out = flex(qw.reshape(B * nW, nh, N, hd), kw.reshape(B * nW, nh, N, hd),
-                   vw.reshape(B * nW, nh, N, hd), score_mod=score_mod)
-        return g.unwindows(out.view(B, nW, nh, N, hd))
-
-    return fn
-
-
 def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     """Forward of provider ``name`` as a function of (qkv, table)."""
     w, s = case.window, case.shift
@@ -176,15 +116,14 @@ def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "mae3d":
         return lambda qkv, t: window_attention3d(*split(qkv), w, s, t)
     if name == "eager":
-        return lambda qkv, t: window_attention3d_reference(*split(qkv), w, s, t)
+        return lambda qkv, t: baselines.eager_window_attention(*split(qkv), w, s, t)
     if name == "sdpa":
-        return lambda qkv, t: sdpa_windows(*split(qkv), case, t)
+        return lambda qkv, t: baselines.sdpa_windows(*split(qkv), w, s, t)
     if name == "compiled":
-        torch._dynamo.reset()
-        fn = torch.compile(window_attention3d_reference, dynamic=False)
+        fn = baselines.compiled(baselines.eager_window_attention)
         return lambda qkv, t: fn(*split(qkv), w, s, t)
     if name == "flex":
-        fn = flex_windows(case)
+        fn = baselines.flex_windows(w, s)
         return lambda qkv, t: fn(*split(qkv), t)
     raise ValueError(name)
 
@@ -202,31 +141,18 @@ def flops(case: Case, mode: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def check(name: str, f: Callable, inp: Inputs, ref: Tensor) -> None:
-    got = f(inp.qkv.detach(), inp.table.detach())
-    err = (got.float() - ref.float()).abs().max().item()
-    scale = max(1.0, ref.float().abs().max().item())
-    if not err <= REL_TOL.get(ref.dtype, 1e-4) * scale:
-        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+def subject_result(f: Callable, inp: Inputs) -> Tensor:
+    return f(inp.qkv.detach(), inp.table.detach())
+
+
+def check(name: str, f: Callable, ref: Tensor, inp: Inputs) -> None:
+    H.check_same(name, f(inp.qkv.detach(), inp.table.detach()), ref, ref.dtype)
 
 
 def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
     inp = make_inputs(case, cfg)
-    fns: dict[str, Callable] = {}
-    ref = None
-    for name in sorted(cfg.providers, key=lambda p: p != SUBJECT):
-        try:
-            f = make_provider(name, case)
-            if name == SUBJECT:
-                ref = f(inp.qkv.detach(), inp.table.detach())
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    del ref
+    fns = H.ready(cfg.providers, partial(make_provider, case=case), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     ceiling = H.copy_bandwidth_gbps(math.prod(case.shape), cfg.dtype, cfg.device, cfg.timing)
     results = []
     for mode in cfg.passes:
@@ -241,7 +167,7 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
             except Exception as e:
                 if name == SUBJECT:
                     raise
-                print(f"  SKIP {name} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                print(f"  SKIP {name} {mode}: {H.why(e)}")
                 continue
             backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
                 "inductor" if name in ("compiled", "flex") else "torch")
@@ -252,9 +178,7 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
                   f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB",
                   flush=True)
     del fns, inp
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results
 
 
@@ -289,16 +213,11 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    path = H.csv_path(args, env)
+    env, path = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data: list[dict] = []
     for case in cfg.cases:
         H.record(run_case(case, cfg), env, SUBJECT, path, data)
-    print()
-    print(H.format_table(data))
-    if path is not None:
-        print(f"\n{len(data)} rows appended to {path}")
+    H.finish(data, path)
     return 0
 
 
