@@ -298,13 +298,17 @@ def _bench(op: str, rest: list[str]) -> int:
     argv, path = sys.argv, list(sys.path)
     sys.argv = [prog, *rest]  # argparse names the script by sys.argv[0]
     sys.path.insert(0, _repo_root())  # as `python -m bench.<op>` from the checkout would
+    name = f"bench.{op}"
+    imported = sys.modules.pop(name, None)  # run as __main__ afresh, as `python -m` would
     try:
         with _one_line_argparse_errors(prog):
-            runpy.run_module(f"bench.{op}", run_name="__main__")
+            runpy.run_module(name, run_name="__main__")
     except SystemExit as e:  # the script's own exit status (its flags are its own)
         return _exit_code(e)
     finally:
         sys.argv, sys.path[:] = argv, path
+        if imported is not None:
+            sys.modules[name] = imported
     return 0
 
 
