@@ -23,6 +23,7 @@ import triton.language as tl
 
 from .window_attention_tiles import (
     LOG2E,
+    _bias_column,
     _bias_mask,
     _col_info,
     _dot,
@@ -41,7 +42,7 @@ def _dq_tile(j, q, do, lse, delta, dq, pm, ri, k_ptr, v_ptr, bias_ptr, info_ptr,
              dcol, d_ok, o_d, o_h, o_w, cls, D, H, W, qk_scale,
              N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
              SH: tl.constexpr, SW: tl.constexpr, NP: tl.constexpr, HAS_BIAS: tl.constexpr,
-             BIAS_DENSE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
+             BIAS_MODE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
              PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
              BLOCK_N: tl.constexpr, LAST: tl.constexpr):
     pn = j * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -53,7 +54,7 @@ def _dq_tile(j, q, do, lse, delta, dq, pm, ri, k_ptr, v_ptr, bias_ptr, info_ptr,
     s = _dot(q, tl.trans(k), PREC, ACC, UPCAST) * qk_scale
     if HAS_BIAS or SHIFTED:
         s = _bias_mask(s, ri, _col_info(info_ptr, cls, pn, NP), pm, pn, bias_ptr, NP, HAS_BIAS,
-                       BIAS_DENSE, SHIFTED, EXP2, ACC, False)
+                       BIAS_MODE, SHIFTED, EXP2, ACC, False)
     if LAST and N % BLOCK_N != 0:  # keys past the window (k = 0 there; p = 0 keeps dS finite)
         s = tl.where((pn < N)[None, :], s, float("-inf"))
     p = _exp(s - lse[:, None], EXP2)
@@ -67,7 +68,7 @@ def _dq_block(qb, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, ls
               dq_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D, H, W, NH,
               qk_scale, scale, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
               SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, NP: tl.constexpr,
-              HD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr,
+              HD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr,
               SHIFTED: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
               UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr):
@@ -78,7 +79,7 @@ def _dq_block(qb, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, ls
     ld_m = m_ok[:, None] & d_ok[None, :]
     tok_m = _tokens(pm, N, o_d, o_h, o_w, D, H, W, WH, WW, SD, SH, SW)
     row = tok0 + tok_m
-    ri = _row_info(info_ptr, cls, pm, h, NP, BIAS_DENSE)
+    ri = _row_info(info_ptr, cls, pm, h, NP, BIAS_MODE)
     c_m = (row * NH + h)[:, None] * HD + dcol[None, :]
     q = tl.load(q_ptr + x0 + tok_m.to(tl.int64)[:, None] * stride_x_t + dcol[None, :],
                 mask=ld_m, other=0.0)
@@ -95,13 +96,13 @@ def _dq_block(qb, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, ls
         for j in tl.static_range(NT):
             dq = _dq_tile(j, q, do, lse, delta, dq, pm, ri, k_ptr, v_ptr, bias_ptr, info_ptr, x0,
                           stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, D, H, W, qk_scale, N, WH,
-                          WW, SD, SH, SW, NP, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC, ACC,
+                          WW, SD, SH, SW, NP, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC, ACC,
                           UPCAST, BLOCK_N, j == NT - 1)
     else:
         for j in range(0, NT):
             dq = _dq_tile(j, q, do, lse, delta, dq, pm, ri, k_ptr, v_ptr, bias_ptr, info_ptr, x0,
                           stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, D, H, W, qk_scale, N, WH,
-                          WW, SD, SH, SW, NP, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC, ACC,
+                          WW, SD, SH, SW, NP, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC, ACC,
                           UPCAST, BLOCK_N, True)
     tl.store(dq_ptr + c_m, (dq * scale).to(dq_ptr.dtype.element_ty), mask=ld_m)
 
@@ -113,8 +114,9 @@ def _window_attention3d_bwd_dq_kernel(
     D, H, W, NH, NWD, NWH, NWW, scale, q_blocks, q_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, QPP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -131,19 +133,21 @@ def _window_attention3d_bwd_dq_kernel(
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W
     qk_scale = scale * LOG2E if EXP2 else scale
-    if BIAS_DENSE:
+    if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
+    elif BIAS_MODE == 2:
+        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
     if QPP == 1:
         _dq_block(g, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, lse_ptr,
                   delta_ptr, dq_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D,
-                  H, W, NH, qk_scale, scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_DENSE,
+                  H, W, NH, qk_scale, scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_MODE,
                   SHIFTED, EXP2, PREC, ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         for qb in tl.range(g * QPP, tl.minimum(g * QPP + QPP, q_blocks), disable_licm=True):
             _dq_block(qb, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, lse_ptr,
                       delta_ptr, dq_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h,
                       D, H, W, NH, qk_scale, scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS,
-                      BIAS_DENSE, SHIFTED, EXP2, PREC, ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
+                      BIAS_MODE, SHIFTED, EXP2, PREC, ACC, UPCAST, BLOCK_M, BLOCK_N, BLOCK_D)
 
 
 @triton.jit
@@ -153,8 +157,9 @@ def _window_attention3d_bwd_dbias_kernel(
     D, H, W, NH, NWD, NWH, NWW, scale, WINDOWS, CHUNK,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr,
-    BIAS_DENSE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
+    HD: tl.constexpr,
+    BIAS_MODE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
     UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -172,8 +177,10 @@ def _window_attention3d_bwd_dbias_kernel(
     ld_m = m_ok[:, None] & d_ok[None, :]
     ld_n = (pn < N)[:, None] & d_ok[None, :]
     qk_scale = scale * LOG2E if EXP2 else scale
-    if BIAS_DENSE:
+    if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
+    elif BIAS_MODE == 2:
+        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
     acc = tl.zeros([BLOCK_M, BLOCK_N], ACC)
     for bw_idx in range(g * CHUNK, tl.minimum(g * CHUNK + CHUNK, WINDOWS)):
         b = bw_idx // nw
@@ -194,8 +201,8 @@ def _window_attention3d_bwd_dbias_kernel(
         lse = tl.where(m_ok, lse * LOG2E if EXP2 else lse, float("inf"))
         delta = tl.load(delta_ptr + row * NH + h, mask=m_ok, other=0.0)
         s = _dot(q, tl.trans(k), PREC, ACC, UPCAST) * qk_scale
-        s = _bias_mask(s, _row_info(info_ptr, cls, pm, h, NP, BIAS_DENSE),
-                       _col_info(info_ptr, cls, pn, NP), pm, pn, bias_ptr, NP, True, BIAS_DENSE,
+        s = _bias_mask(s, _row_info(info_ptr, cls, pm, h, NP, BIAS_MODE),
+                       _col_info(info_ptr, cls, pn, NP), pm, pn, bias_ptr, NP, True, BIAS_MODE,
                        SHIFTED, EXP2, ACC, False)
         # key columns past the window hold finite garbage here: the table kernel never reads them
         p = _exp(s - lse[:, None], EXP2)
@@ -212,8 +219,9 @@ def _window_attention3d_bwd_dkdv_kernel(
     D, H, W, NH, NWD, NWH, NWW, scale, k_blocks, k_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, KPP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -231,8 +239,10 @@ def _window_attention3d_bwd_dkdv_kernel(
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W
     qk_scale = scale * LOG2E if EXP2 else scale
-    if BIAS_DENSE:
+    if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
+    elif BIAS_MODE == 2:
+        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
     PRELOAD: tl.constexpr = (KPP > 1) and (NQ <= MAX_TILES)
     qs, dos = (), ()
     if PRELOAD:  # the window's query tiles q and dO, loaded once (loop-invariant dot operands)
@@ -244,7 +254,7 @@ def _window_attention3d_bwd_dkdv_kernel(
         _key_block(g, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, lse_ptr,
                    delta_ptr, dk_ptr, dv_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls,
                    h, D, H, W, NH, qk_scale, scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS,
-                   BIAS_DENSE, SHIFTED, EXP2, PREC, ACC, UPCAST, False, BLOCK_M, BLOCK_N,
+                   BIAS_MODE, SHIFTED, EXP2, PREC, ACC, UPCAST, False, BLOCK_M, BLOCK_N,
                    BLOCK_D)
     else:
         # no hoisting out of this loop: per-column data of every query tile would stay live
@@ -252,7 +262,7 @@ def _window_attention3d_bwd_dkdv_kernel(
             _key_block(kb, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, lse_ptr,
                        delta_ptr, dk_ptr, dv_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w,
                        cls, h, D, H, W, NH, qk_scale, scale, N, WH, WW, SD, SH, SW, NP, HD,
-                       HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC, ACC, UPCAST, PRELOAD, BLOCK_M,
+                       HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC, ACC, UPCAST, PRELOAD, BLOCK_M,
                        BLOCK_N, BLOCK_D)
 
 
@@ -276,7 +286,7 @@ def _key_block(kb, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, l
                dk_ptr, dv_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D, H, W,
                NH, qk_scale, scale, N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
                SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, NP: tl.constexpr,
-               HD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr,
+               HD: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr,
                SHIFTED: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                UPCAST: tl.constexpr, PRELOADED: tl.constexpr, BLOCK_M: tl.constexpr,
                BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
@@ -301,7 +311,7 @@ def _key_block(kb, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, l
                                 o_w, h, D, H, W, NH, N, WH, WW, SD, SH, SW, HD, BLOCK_M)
             dk, dv = _dkdv_tile(i, q, do, k, v, dk, dv, pn, ci, bias_ptr, info_ptr, lse_ptr,
                                 delta_ptr, tok0, o_d, o_h, o_w, cls, h, D, H, W, NH, qk_scale, N,
-                                WH, WW, SD, SH, SW, NP, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC,
+                                WH, WW, SD, SH, SW, NP, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC,
                                 ACC, UPCAST, BLOCK_M)
     else:
         for i in range(0, NQ):
@@ -309,7 +319,7 @@ def _key_block(kb, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, l
                             h, D, H, W, NH, N, WH, WW, SD, SH, SW, HD, BLOCK_M)
             dk, dv = _dkdv_tile(i, q, do, k, v, dk, dv, pn, ci, bias_ptr, info_ptr, lse_ptr,
                                 delta_ptr, tok0, o_d, o_h, o_w, cls, h, D, H, W, NH, qk_scale, N,
-                                WH, WW, SD, SH, SW, NP, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC,
+                                WH, WW, SD, SH, SW, NP, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC,
                                 ACC, UPCAST, BLOCK_M)
     c_n = ((tok0 + tok_n) * NH + h)[:, None] * HD + dcol[None, :]
     tl.store(dk_ptr + c_n, (dk * scale).to(dk_ptr.dtype.element_ty), mask=ld_n)
@@ -320,7 +330,7 @@ def _key_block(kb, qs, dos, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, l
 def _dkdv_tile(i, q, do, k, v, dk, dv, pn, ci, bias_ptr, info_ptr, lse_ptr, delta_ptr, tok0, o_d,
                o_h, o_w, cls, h, D, H, W, NH, qk_scale, N: tl.constexpr, WH: tl.constexpr,
                WW: tl.constexpr, SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-               NP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr,
+               NP: tl.constexpr, HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr,
                SHIFTED: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr,
                UPCAST: tl.constexpr, BLOCK_M: tl.constexpr):
     """Query tile i against the key block: the transposed tile (keys x queries), as
@@ -334,8 +344,8 @@ def _dkdv_tile(i, q, do, k, v, dk, dv, pn, ci, bias_ptr, info_ptr, lse_ptr, delt
     delta = tl.load(delta_ptr + row * NH + h, mask=m_ok, other=0.0)
     st = _dot(k, tl.trans(q), PREC, ACC, UPCAST) * qk_scale
     if HAS_BIAS or SHIFTED:
-        st = _bias_mask(st, _row_info(info_ptr, cls, pm, h, NP, BIAS_DENSE), ci, pm, pn, bias_ptr,
-                        NP, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, ACC, True)
+        st = _bias_mask(st, _row_info(info_ptr, cls, pm, h, NP, BIAS_MODE), ci, pm, pn, bias_ptr,
+                        NP, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, ACC, True)
     pt = _exp(st - lse[None, :], EXP2)
     dv += _dot(pt.to(do.dtype), do, PREC, ACC, UPCAST)
     dpt = _dot(v, tl.trans(do), PREC, ACC, UPCAST)

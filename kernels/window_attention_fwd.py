@@ -16,6 +16,7 @@ import triton.language as tl
 
 from .window_attention_tiles import (
     LOG2E,
+    _bias_column,
     _bias_mask,
     _col_info,
     _dot,
@@ -25,9 +26,8 @@ from .window_attention_tiles import (
     _window_origin,
 )
 
-# key tiles a program holds (fwd) or unrolls (dq, and query tiles in dk/dv)
-MAX_KEY_TILES = 8
-MAX_TILES = tl.constexpr(MAX_KEY_TILES)
+# key tiles a program holds and unrolls (more: a streaming loop)
+MAX_TILES = tl.constexpr(8)
 
 
 @triton.jit
@@ -45,7 +45,7 @@ def _kv_tile(j, k_ptr, v_ptr, x0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, D, H, W
 @triton.jit
 def _softmax_step(j, q, k, v, m_i, l_i, acc, pm, ri, info_ptr, cls, bias_ptr, qk_scale,
                   N: tl.constexpr, NP: tl.constexpr, HAS_BIAS: tl.constexpr,
-                  BIAS_DENSE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
+                  BIAS_MODE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
                   PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                   BLOCK_N: tl.constexpr, LAST: tl.constexpr):
     """One key tile of the online softmax; LAST: the tile that ends the window (columns past
@@ -54,7 +54,7 @@ def _softmax_step(j, q, k, v, m_i, l_i, acc, pm, ri, info_ptr, cls, bias_ptr, qk
     s = _dot(q, tl.trans(k), PREC, ACC, UPCAST) * qk_scale
     if HAS_BIAS or SHIFTED:
         s = _bias_mask(s, ri, _col_info(info_ptr, cls, pn, NP), pm, pn, bias_ptr, NP, HAS_BIAS,
-                       BIAS_DENSE, SHIFTED, EXP2, ACC, False)
+                       BIAS_MODE, SHIFTED, EXP2, ACC, False)
     if LAST and N % BLOCK_N != 0:
         s = tl.where((pn < N)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -70,7 +70,7 @@ def _query_block(qb, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, l
                  stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D, H, W, NH, qk_scale,
                  N: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
                  SH: tl.constexpr, SW: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr, SHIFTED: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr, SHIFTED: tl.constexpr,
                  EXP2: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr,
                  STATIC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_D: tl.constexpr):
@@ -79,7 +79,7 @@ def _query_block(qb, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, l
     pm = qb * BLOCK_M + tl.arange(0, BLOCK_M)
     m_ok = pm < N
     tok_m = _tokens(pm, N, o_d, o_h, o_w, D, H, W, WH, WW, SD, SH, SW)
-    ri = _row_info(info_ptr, cls, pm, h, NP, BIAS_DENSE)
+    ri = _row_info(info_ptr, cls, pm, h, NP, BIAS_MODE)
     ld_m = m_ok[:, None] & d_ok[None, :]
     q = tl.load(q_ptr + x0 + tok_m.to(tl.int64)[:, None] * stride_x_t + dcol[None, :],
                 mask=ld_m, other=0.0)
@@ -89,14 +89,14 @@ def _query_block(qb, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, l
     if STATIC:
         for j in tl.static_range(NT):
             m_i, l_i, acc = _softmax_step(j, q, ks[j], vs[j], m_i, l_i, acc, pm, ri, info_ptr,
-                                          cls, bias_ptr, qk_scale, N, NP, HAS_BIAS, BIAS_DENSE,
+                                          cls, bias_ptr, qk_scale, N, NP, HAS_BIAS, BIAS_MODE,
                                           SHIFTED, EXP2, PREC, ACC, UPCAST, BLOCK_N, j == NT - 1)
     else:
         for j in range(0, NT):
             k, v = _kv_tile(j, k_ptr, v_ptr, x0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, D, H, W,
                             N, WH, WW, SD, SH, SW, BLOCK_N)
             m_i, l_i, acc = _softmax_step(j, q, k, v, m_i, l_i, acc, pm, ri, info_ptr, cls,
-                                          bias_ptr, qk_scale, N, NP, HAS_BIAS, BIAS_DENSE,
+                                          bias_ptr, qk_scale, N, NP, HAS_BIAS, BIAS_MODE,
                                           SHIFTED, EXP2, PREC, ACC, UPCAST, BLOCK_N, True)
     out = acc / l_i[:, None]
     row = tok0 + tok_m
@@ -116,8 +116,9 @@ def _window_attention3d_fwd_kernel(
     D, H, W, NH, NWD, NWH, NWW, scale, q_blocks, q_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
-    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, NP: tl.constexpr, HD: tl.constexpr,
-    HAS_BIAS: tl.constexpr, BIAS_DENSE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
+    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
+    HD: tl.constexpr,
+    HAS_BIAS: tl.constexpr, BIAS_MODE: tl.constexpr, EXP2: tl.constexpr, PREC: tl.constexpr,
     ACC: tl.constexpr, UPCAST: tl.constexpr, QPP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -137,8 +138,10 @@ def _window_attention3d_fwd_kernel(
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W  # first token of the sample in out / lse
     qk_scale = scale * LOG2E if EXP2 else scale
-    if BIAS_DENSE:
+    if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
+    elif BIAS_MODE == 2:
+        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
     ks, vs = (), ()
     if STATIC:  # the window's keys and values, loaded once (loop-invariant dot operands)
         for j in tl.static_range(NT):
@@ -148,7 +151,7 @@ def _window_attention3d_fwd_kernel(
     if QPP == 1:
         _query_block(g, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, lse_ptr, x0,
                      tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D, H, W, NH, qk_scale,
-                     N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_DENSE, SHIFTED, EXP2, PREC,
+                     N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_MODE, SHIFTED, EXP2, PREC,
                      ACC, UPCAST, STATIC, BLOCK_M, BLOCK_N, BLOCK_D)
     else:
         # no hoisting out of this loop: the per-column addresses of every key tile would stay
@@ -156,7 +159,7 @@ def _window_attention3d_fwd_kernel(
         for qb in tl.range(g * QPP, tl.minimum(g * QPP + QPP, q_blocks), disable_licm=True):
             _query_block(qb, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, lse_ptr,
                          x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D, H, W, NH,
-                         qk_scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_DENSE, SHIFTED,
+                         qk_scale, N, WH, WW, SD, SH, SW, NP, HD, HAS_BIAS, BIAS_MODE, SHIFTED,
                          EXP2, PREC, ACC, UPCAST, STATIC, BLOCK_M, BLOCK_N, BLOCK_D)
 
 

@@ -22,8 +22,9 @@ from a per-geometry int32 table (``window_attention.token_info``, built once on 
 load per column per tile, packed so that one subtract per logit gives both the bias address and
 the region test: query side ``((base + CENTER) * heads + head) * 16 + 8 + region``, key side
 ``base * heads * 16 + region``; their difference d has ``d >> 4`` = table row * heads + head and
-``d & 15 == 8`` exactly when the regions agree (regions are 0..7). In the dense-bias mode the
-base part is 0 (the address comes from the tile coordinates).
+``d & 15 == 8`` exactly when the regions agree (regions are 0..7). With the head's column staged
+in shared memory (``BIAS_MODE`` 2) the heads factor is left out (``d >> 4`` = table row); in
+the dense-bias mode (1) the base part is 0 (the address comes from the tile coordinates).
 
 Softmax runs in base 2 (``exp2``, logits pre-multiplied by log2(e), as FlashAttention does) for
 16/32-bit inputs; float64 keeps natural ``exp`` (``EXP2`` False) so it stays a reference-grade path.
@@ -95,23 +96,41 @@ def _exp(x, EXP2: tl.constexpr):
 
 
 @triton.jit
-def _bias_mask(s, ri, ci, pm, pn, bias_ptr, NP: tl.constexpr, HAS_BIAS: tl.constexpr,
-               BIAS_DENSE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
+def _bias_column(table_ptr, h, NH, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+                 TP: tl.constexpr, EXP2: tl.constexpr, ACC: tl.constexpr):
+    """The head's column of the (T, heads) table in the softmax's units, padded to TP rows: a
+    register tensor that ``tl.gather`` stages in shared memory (``BIAS_MODE`` 2)."""
+    r = tl.arange(0, TP)
+    T: tl.constexpr = (2 * BD - 1) * (2 * BH - 1) * (2 * BW - 1)
+    col = tl.load(table_ptr + r * NH + h, mask=r < T, other=0.0).to(ACC)
+    if EXP2:
+        col = col * LOG2E
+    return col
+
+
+@triton.jit
+def _bias_mask(s, ri, ci, pm, pn, bias, NP: tl.constexpr, HAS_BIAS: tl.constexpr,
+               BIAS_MODE: tl.constexpr, SHIFTED: tl.constexpr, EXP2: tl.constexpr,
                ACC: tl.constexpr, TRANS: tl.constexpr):
     """s + bias + region mask for a (queries, keys) tile, (keys, queries) when TRANS: ri / pm
-    are the query side's packed info and local indices, ci / pn the key side's."""
+    are the query side's packed info and local indices, ci / pn the key side's. ``bias``: the
+    (T, heads) table (BIAS_MODE 0, read in place), the head's dense padded tile (1), or the head's
+    column (2, ``_bias_column``)."""
     if TRANS:
         d = ri[None, :] - ci[:, None]
     else:
         d = ri[:, None] - ci[None, :]
     if HAS_BIAS:
-        if BIAS_DENSE:  # the head's padded tile, already in the softmax's units
+        if BIAS_MODE == 1:  # already in the softmax's units
             if TRANS:
-                s += tl.load(bias_ptr + (pm[None, :] * NP + pn[:, None]))
+                s += tl.load(bias + (pm[None, :] * NP + pn[:, None]))
             else:
-                s += tl.load(bias_ptr + (pm[:, None] * NP + pn[None, :]))
-        else:  # the (T, heads) table read in place, L1-resident
-            b = tl.load(bias_ptr + (d >> 4)).to(ACC)
+                s += tl.load(bias + (pm[:, None] * NP + pn[None, :]))
+        elif BIAS_MODE == 2:  # table row d >> 4, gathered from shared memory
+            rows = tl.reshape(d >> 4, [d.shape[0] * d.shape[1]])
+            s += tl.reshape(tl.gather(bias, rows, 0), [d.shape[0], d.shape[1]])
+        else:  # address d >> 4 = row * heads + head in the table, an L1-resident gather
+            b = tl.load(bias + (d >> 4)).to(ACC)
             if EXP2:
                 b = b * LOG2E
             s += b
@@ -124,10 +143,10 @@ def _bias_mask(s, ri, ci, pm, pn, bias_ptr, NP: tl.constexpr, HAS_BIAS: tl.const
 
 
 @triton.jit
-def _row_info(info_ptr, cls, p, h, NP: tl.constexpr, BIAS_DENSE: tl.constexpr):
+def _row_info(info_ptr, cls, p, h, NP: tl.constexpr, BIAS_MODE: tl.constexpr):
     """Packed bias/region info of query tokens p (see the module docstring)."""
     r = tl.load(info_ptr + cls * NP + p)
-    if not BIAS_DENSE:
+    if BIAS_MODE == 0:
         r += h * 16
     return r
 
