@@ -304,6 +304,12 @@ def _plan(shape, dtype, device, window, shift, bias_window, has_bias, bias_env):
     return plan
 
 
+def _split_scale(scale: float) -> tuple[float, float]:
+    """(hi, lo): scale = hi + lo with both fp32-representable (Triton's float arguments)."""
+    hi = float(np.float32(scale))
+    return hi, float(np.float32(scale - hi))
+
+
 def _bias_args(q, table, plan, NP):
     """(bias argument, token-info table): the table, or its dense tiles (q, a dummy pointer,
     without a table)."""
@@ -332,8 +338,8 @@ def window_attention3d_fwd(q, k, v, table, window, shift, bias_window, scale):
     with _guard(q.device):
         bias, info = _bias_args(q, table, plan, P["NP"])
         _window_attention3d_fwd_kernel[P["grid"]](
-            q, k, v, bias, info, out, lse, *strides, *plan["dims"], scale, *P["tail"],
-            **P["common"], **P["kwargs"])
+            q, k, v, bias, info, out, lse, *strides, *plan["dims"], *_split_scale(scale),
+            *P["tail"], **P["common"], **P["kwargs"])
     return out, lse
 
 
@@ -351,15 +357,16 @@ def window_attention3d_bwd(grad_out, q, k, v, out, lse, table, window, shift, bi
                  tuple(bias_window), table is not None, os.environ.get("MAE3D_WATTN_BIAS"))
     NP, common = plan["bwd"]["NP"], plan["bwd"]["common"]
     delta = torch.empty_like(lse)
+    scales = _split_scale(scale)
     with _guard(q.device):
         bias, info = _bias_args(q, table, plan, NP)
         P = plan["dq"]
         _window_attention3d_bwd_dq_kernel[P["grid"]](
-            q, k, v, bias, info, out, grad_out, lse, delta, dq, *strides, *plan["dims"], scale,
+            q, k, v, bias, info, out, grad_out, lse, delta, dq, *strides, *plan["dims"], *scales,
             *P["tail"], **common, **P["kwargs"])
         P = plan["dkdv"]
         _window_attention3d_bwd_dkdv_kernel[P["grid"]](
-            q, k, v, bias, info, grad_out, lse, delta, dk, dv, *strides, *plan["dims"], scale,
+            q, k, v, bias, info, grad_out, lse, delta, dk, dv, *strides, *plan["dims"], *scales,
             *P["tail"], **common, **P["kwargs"])
         if table is None:
             return dq, dk, dv, q.new_empty(0)
@@ -367,7 +374,7 @@ def window_attention3d_bwd(grad_out, q, k, v, out, lse, table, window, shift, bi
         # every entry the table kernel reads is written once by its owner: no zero fill
         dbias = torch.empty((P["grid"][2], q.shape[4], NP, NP), dtype=_acc(q), device=q.device)
         _window_attention3d_bwd_dbias_kernel[P["grid"]](
-            q, k, v, bias, info, grad_out, lse, delta, dbias, *strides, *plan["dims"], scale,
+            q, k, v, bias, info, grad_out, lse, delta, dbias, *strides, *plan["dims"], *scales,
             *P["tail"], **common, **P["kwargs"])
         pairs, blocks, T = pair_blocks(tuple(window), tuple(bias_window), NP, q.device)
         dtable = torch.empty((T, q.shape[4]), dtype=_acc(q), device=q.device)

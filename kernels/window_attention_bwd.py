@@ -29,6 +29,7 @@ from .window_attention_tiles import (
     _dot,
     _exp,
     _row_info,
+    _scales,
     _tokens,
     _window_origin,
 )
@@ -111,7 +112,7 @@ def _dq_block(qb, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, ls
 def _window_attention3d_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr,
     stride_x_b, stride_x_t, stride_x_n,
-    D, H, W, NH, NWD, NWH, NWW, scale, q_blocks, q_groups,
+    D, H, W, NH, NWD, NWH, NWW, scale, scale_lo, q_blocks, q_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
@@ -132,7 +133,7 @@ def _window_attention3d_bwd_dq_kernel(
     d_ok = dcol < HD
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W
-    qk_scale = scale * LOG2E if EXP2 else scale
+    scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
     if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
     elif BIAS_MODE == 2:
@@ -154,7 +155,7 @@ def _window_attention3d_bwd_dq_kernel(
 def _window_attention3d_bwd_dbias_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, lse_ptr, delta_ptr, dbias_ptr,
     stride_x_b, stride_x_t, stride_x_n,
-    D, H, W, NH, NWD, NWH, NWW, scale, WINDOWS, CHUNK,
+    D, H, W, NH, NWD, NWH, NWW, scale, scale_lo, WINDOWS, CHUNK,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
@@ -176,7 +177,7 @@ def _window_attention3d_bwd_dbias_kernel(
     m_ok = pm < N
     ld_m = m_ok[:, None] & d_ok[None, :]
     ld_n = (pn < N)[:, None] & d_ok[None, :]
-    qk_scale = scale * LOG2E if EXP2 else scale
+    scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
     if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
     elif BIAS_MODE == 2:
@@ -216,7 +217,7 @@ def _window_attention3d_bwd_dbias_kernel(
 def _window_attention3d_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
     stride_x_b, stride_x_t, stride_x_n,
-    D, H, W, NH, NWD, NWH, NWW, scale, k_blocks, k_groups,
+    D, H, W, NH, NWD, NWH, NWW, scale, scale_lo, k_blocks, k_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
@@ -238,7 +239,7 @@ def _window_attention3d_bwd_dkdv_kernel(
     d_ok = dcol < HD
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W
-    qk_scale = scale * LOG2E if EXP2 else scale
+    scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
     if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
     elif BIAS_MODE == 2:

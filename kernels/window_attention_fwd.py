@@ -22,6 +22,7 @@ from .window_attention_tiles import (
     _dot,
     _exp,
     _row_info,
+    _scales,
     _tokens,
     _window_origin,
 )
@@ -113,7 +114,7 @@ def _query_block(qb, ks, vs, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, l
 def _window_attention3d_fwd_kernel(
     q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, lse_ptr,
     stride_x_b, stride_x_t, stride_x_n,
-    D, H, W, NH, NWD, NWH, NWW, scale, q_blocks, q_groups,
+    D, H, W, NH, NWD, NWH, NWW, scale, scale_lo, q_blocks, q_groups,
     N: tl.constexpr, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr, TP: tl.constexpr, NP: tl.constexpr,
@@ -137,7 +138,7 @@ def _window_attention3d_fwd_kernel(
     # int64: B * D * H * W * C of a 3D grid overflows int32
     x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
     tok0 = b.to(tl.int64) * D * H * W  # first token of the sample in out / lse
-    qk_scale = scale * LOG2E if EXP2 else scale
+    scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
     if BIAS_MODE == 1:
         bias_ptr += h.to(tl.int64) * NP * NP
     elif BIAS_MODE == 2:

@@ -87,6 +87,18 @@ def _dot(a, b, PREC: tl.constexpr, ACC: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _scales(scale, scale_lo, EXP2: tl.constexpr, ACC: tl.constexpr):
+    """(scale, logit scale in the softmax's units). Triton passes Python floats as fp32: the
+    float64 path rebuilds the scale from its fp32 head and tail (scale = hi + lo)."""
+    if EXP2:
+        r = scale, scale * LOG2E
+    else:
+        s = tl.cast(scale, ACC) + tl.cast(scale_lo, ACC)
+        r = s, s
+    return r
+
+
+@triton.jit
 def _exp(x, EXP2: tl.constexpr):
     if EXP2:
         r = tl.exp2(x)
