@@ -10,9 +10,15 @@ grad):
   compiled  torch.compile(eager) (GPU default; compile time excluded)
   flex      FlexAttention under torch.compile on the partitioned windows, score_mod adds the
             gathered bias and the shift mask (GPU only; learnable bias through its backward)
+  flex_table  FlexAttention under torch.compile with the bias table itself as the score_mod's
+            learnable buffer (read through the relative-position index, as the kernels do) and
+            the shift mask as a block mask (its -inf stands for torchvision's -100: exp(-100)
+            underflows the softmax the same); GPU only
 Passes: fwd; bwd (autograd.grad of a retained graph); fwd+bwd. TFLOP/s use the matmul count of
 ``window_attention3d_flops`` (forward 4 * N * window_volume * hd per head and sample, backward
-2.5x that).
+2.5x that); on a known GPU each line also gives the roofline bound (max of FLOPs at the dense
+bf16 / fp16 peak and the byte floor ``nbytes`` at the HBM bandwidth, ``ROOFLINE``) as a
+percentage of the measured time.
 
 Run from the repository root:
   PYTHONPATH=. python bench/bench_window_attention.py --quick --no-csv   # CPU, BertsWin batch 1
@@ -43,6 +49,7 @@ from mae3d.ops.window_attention import backend_for, window_attention3d, window_a
 from mae3d.reference.window_attention import (
     _Windows,
     region_labels,
+    relative_position_index,
     table_rows,
     window_attention3d_reference,
     window_bias,
@@ -50,7 +57,7 @@ from mae3d.reference.window_attention import (
 
 OP = "window_attention3d"
 SUBJECT = "mae3d"
-PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex")
+PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex", "flex_table")
 CPU_PROVIDERS = ("mae3d", "eager", "sdpa")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -166,6 +173,70 @@ def flex_windows(case: Case) -> Callable:
     return fn
 
 
+def flex_table_windows(case: Case) -> Callable:
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    masks: dict = {}
+
+    def fn(q, k, v, table):
+        g = _Windows(q.shape, case.window, case.shift)
+        qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)
+        B, nW, nh, N, hd = qw.shape
+        idx = relative_position_index(case.window, device=q.device)[:N, :N]
+
+        def score_mod(score, b, h, qi, ki):
+            return score + table[idx[qi, ki], h].to(score.dtype)
+
+        block_mask = None
+        if sum(case.shift) > 0:
+            key = (tuple(q.shape), q.device)
+            if key not in masks:  # built once per shape, as a model would
+                lab = region_labels(g.padded, g.ws, g.ss, q.device)
+                lab = lab.view(
+                    g.padded[0] // g.ws[0],
+                    g.ws[0],
+                    g.padded[1] // g.ws[1],
+                    g.ws[1],
+                    g.padded[2] // g.ws[2],
+                    g.ws[2],
+                ).permute(0, 2, 4, 1, 3, 5)
+                lab = lab.reshape(nW, N)
+
+                def mask_mod(b, h, qi, ki):
+                    return lab[b % nW, qi] == lab[b % nW, ki]
+
+                masks[key] = create_block_mask(mask_mod, B * nW, None, N, N, device=q.device)
+            block_mask = masks[key]
+        out = flex(
+            qw.reshape(B * nW, nh, N, hd),
+            kw.reshape(B * nW, nh, N, hd),
+            vw.reshape(B * nW, nh, N, hd),
+            score_mod=score_mod,
+            block_mask=block_mask,
+        )
+        return g.unwindows(out.view(B, nW, nh, N, hd))
+
+    return fn
+
+
+# dense bf16/fp16 tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s) by device name
+ROOFLINE = {"h100": (989.0, 3.35), "h200": (989.0, 4.8), "a100": (312.0, 2.0)}
+
+
+def roofline_ms(case: Case, dtype: torch.dtype, mode: str, device: torch.device) -> float | None:
+    """The roofline bound of one call in ms on a known GPU (None elsewhere)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    peak = next((v for k, v in ROOFLINE.items() if k in name), None)
+    if peak is None:
+        return None
+    return 1e3 * max(
+        flops(case, mode) / (peak[0] * 1e12), nbytes(case, dtype, mode) / (peak[1] * 1e12)
+    )
+
+
 def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     """Forward of provider ``name`` as a function of (qkv, table)."""
     w, s = case.window, case.shift
@@ -185,6 +256,9 @@ def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda qkv, t: fn(*split(qkv), w, s, t)
     if name == "flex":
         fn = flex_windows(case)
+        return lambda qkv, t: fn(*split(qkv), t)
+    if name == "flex_table":
+        fn = flex_table_windows(case)
         return lambda qkv, t: fn(*split(qkv), t)
     raise ValueError(name)
 
@@ -244,12 +318,14 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
                 print(f"  SKIP {name} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
                 continue
             backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
-                "inductor" if name in ("compiled", "flex") else "torch")
+                "inductor" if name in ("compiled", "flex", "flex_table") else "torch")
             results.append(H.Result(OP, name, backend, case.variant, mode, case.shape, cfg.dtype,
                                     t, nbytes(case, cfg.dtype, mode), ceiling, mem, how))
             tflops = flops(case, mode) / (t.p50_ms * 1e-3) / 1e12
-            print(f"  {case.variant:<28} {mode:<7} {name:<9} {t.p50_ms:10.3f} ms "
-                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB",
+            bound = roofline_ms(case, cfg.dtype, mode, cfg.device)
+            roof = f" {100 * bound / t.p50_ms:6.1f} % of roofline" if bound else ""
+            print(f"  {case.variant:<28} {mode:<7} {name:<10} {t.p50_ms:10.3f} ms "
+                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB{roof}",
                   flush=True)
     del fns, inp
     gc.collect()
@@ -276,8 +352,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
         cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES, *TINY_CASES)
                                     if c.name in names and (c.batch == a.batch or not a.batch)))
     providers = a.providers or (PROVIDERS if gpu else CPU_PROVIDERS)
-    if not gpu:
-        providers = tuple(p for p in providers if p != "flex")  # Triton-generated: GPU only
+    if not gpu:  # Triton-generated: GPU only
+        providers = tuple(p for p in providers if p not in ("flex", "flex_table"))
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = BenchConfig(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],

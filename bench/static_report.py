@@ -489,8 +489,11 @@ def summary(rows: list[dict]) -> str:
                 f"{r['shared_bytes']:>6} w{r['num_warps']} s{r['num_stages']} "
                 f"wgmma {r['wgmma']} mma {r['mma_sync']} ldg128 {r['ldg_128']} "
                 f"ldg16 {r['ldg_16']} stg128 {r['stg_128']} stg16 {r['stg_16']}"
-                + (f" instr/key-tile {r['instr_per_key_tile']}" if r.get("instr_per_key_tile")
-                   else "")
+                + (
+                    f" instr/key-tile {r['instr_per_key_tile']}"
+                    if r.get("instr_per_key_tile")
+                    else ""
+                )
             )
     return "\n".join(lines)
 
