@@ -18,6 +18,8 @@ window_attention3d
                           as attn_mask
   ``flex_windows``        FlexAttention under torch.compile on the partitioned windows; score_mod
                           adds the gathered bias and the shift mask (GPU; learnable bias)
+  ``flex_table_windows``  FlexAttention with the bias table as score_mod's buffer and the shift
+                          mask as a block mask (GPU)
 sparse_conv3d
   ``dense_mask_conv``     F.conv3d on the whole volume times the output mask (SparK, S3D)
   ``spconv_submconv``     spconv SubMConv3d on the active voxels (CUDA fp16 stride 1, if installed)
@@ -41,6 +43,7 @@ from mae3d.reference import masked_norm_reference
 from mae3d.reference.window_attention import (
     _Windows,
     region_labels,
+    relative_position_index,
     window_attention3d_reference,
     window_bias,
 )
@@ -202,6 +205,51 @@ def flex_windows(window: tuple[int, int, int], shift: tuple[int, int, int]) -> C
             return score + bm[b % nb, h, qi, ki]
 
         out = flex(_flat(qw), _flat(kw), _flat(vw), score_mod=score_mod)
+        return g.unwindows(out.view(B, nW, nh, N, hd))
+
+    return fn
+
+
+def flex_table_windows(window: tuple[int, int, int], shift: tuple[int, int, int]) -> Callable:
+    """FlexAttention with the bias table itself as the score_mod's learnable buffer (read through
+    the relative-position index, as the kernels do) and the shift mask as a block mask (its -inf
+    stands for torchvision's -100: exp(-100) underflows the softmax the same); a function of
+    (q, k, v, table), compiled on first call (GPU)."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    flex = torch.compile(flex_attention, dynamic=False)
+    masks: dict = {}
+
+    def fn(q, k, v, table):
+        g = _Windows(q.shape, window, shift)
+        qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)
+        B, nW, nh, N, hd = qw.shape
+        idx = relative_position_index(window, device=q.device)[:N, :N]
+
+        def score_mod(score, b, h, qi, ki):
+            return score + table[idx[qi, ki], h].to(score.dtype)
+
+        block_mask = None
+        if sum(shift) > 0:
+            key = (tuple(q.shape), q.device)
+            if key not in masks:  # built once per shape, as a model would
+                lab = region_labels(g.padded, g.ws, g.ss, q.device)
+                lab = lab.view(
+                    g.padded[0] // g.ws[0],
+                    g.ws[0],
+                    g.padded[1] // g.ws[1],
+                    g.ws[1],
+                    g.padded[2] // g.ws[2],
+                    g.ws[2],
+                ).permute(0, 2, 4, 1, 3, 5)
+                lab = lab.reshape(nW, N)
+
+                def mask_mod(b, h, qi, ki):
+                    return lab[b % nW, qi] == lab[b % nW, ki]
+
+                masks[key] = create_block_mask(mask_mod, B * nW, None, N, N, device=q.device)
+            block_mask = masks[key]
+        out = flex(_flat(qw), _flat(kw), _flat(vw), score_mod=score_mod, block_mask=block_mask)
         return g.unwindows(out.view(B, nW, nh, N, hd))
 
     return fn

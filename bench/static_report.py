@@ -29,6 +29,9 @@ Method (nothing runs on a device, nothing touches production-size data):
   (LDG / STG / LDGSTS, 16 / 8 / 4 / 2 / 1 bytes), all static instruction counts. The tools are
   the cuobjdump / nvdisasm that Triton ships in ``triton/backends/nvidia/bin``; without them the
   PTX is parsed instead (``ld.global.v4`` ...) and ``sass_tool`` says "ptx".
+* Per attention kernel, instructions per key-tile iteration (``per_key_tile``): the static
+  SASS instructions of its innermost loop that holds wgmma, over the key tiles that loop's body
+  runs (a kernel with its tiles unrolled and no loop: all its instructions over its tiles).
 * Per op and pass: device launches = Triton launches + aten ops that would launch a CUDA kernel,
   counted by a TorchDispatchMode on the meta device at the production shape (views, allocations
   and other metadata-only ops are not counted, nor ops on CPU tensors such as the host-side
@@ -112,6 +115,11 @@ COLUMNS = (
     "torch_version",
     "git_sha",
     "date",
+    "instructions",
+    "loop_instructions",
+    "loop_wgmma",
+    "key_tiles",
+    "instr_per_key_tile",
 )
 
 
@@ -343,10 +351,42 @@ def _passes(case: Case, compile: bool, arch: int, reps: int) -> list[dict]:
                 if key in seen:
                     continue
                 seen.add(key)
+                stats = analyze(launch.compiled)
                 rows.append(
-                    {**base, "kind": "kernel", "kernel": launch.kernel, **analyze(launch.compiled)}
+                    {
+                        **base,
+                        "kind": "kernel",
+                        "kernel": launch.kernel,
+                        **stats,
+                        **per_key_tile(launch.kernel, launch.constexprs or {}, stats),
+                    }
                 )
     return rows
+
+
+# attention kernels: the launch constexpr whose tiles the kernel unrolls per loop iteration (or
+# over its whole body), and the most it unrolls (beyond that it loops over them one at a time)
+_KEY_TILE_AXIS = {
+    "_window_attention3d_fwd_kernel": "BLOCK_N",
+    "_window_attention3d_bwd_dq_kernel": "BLOCK_N",
+    "_window_attention3d_bwd_dkdv_kernel": "BLOCK_M",  # query tiles against a key block
+    "_window_attention3d_bwd_dbias_kernel": None,  # one tile per window of its loop
+}
+_MAX_UNROLLED_TILES = 8  # MAX_TILES of kernels/window_attention_{fwd,bwd}.py
+
+
+def per_key_tile(kernel: str, constexprs: dict, stats: dict) -> dict:
+    """Instructions per key-tile iteration of an attention kernel: its hot loop's static SASS
+    instructions (``hot_loop``) over the key tiles one iteration runs; a kernel whose tiles are
+    all unrolled with no enclosing loop counts all its instructions over its tiles (prologue and
+    epilogue included). Blank for other kernels."""
+    if kernel not in _KEY_TILE_AXIS or "instructions" not in stats or "N" not in constexprs:
+        return {}
+    axis = _KEY_TILE_AXIS[kernel]
+    tiles = 1 if axis is None else -(-constexprs["N"] // constexprs[axis])
+    tiles = tiles if tiles <= _MAX_UNROLLED_TILES else 1
+    body = stats["loop_instructions"] or stats["instructions"]
+    return {"key_tiles": tiles, "instr_per_key_tile": round(body / tiles)}
 
 
 def _median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, blocks: int = 5) -> float:
@@ -431,6 +471,11 @@ def summary(rows: list[dict]) -> str:
                 f"{r['shared_bytes']:>6} w{r['num_warps']} s{r['num_stages']} "
                 f"wgmma {r['wgmma']} mma {r['mma_sync']} ldg128 {r['ldg_128']} "
                 f"ldg16 {r['ldg_16']} stg128 {r['stg_128']} stg16 {r['stg_16']}"
+                + (
+                    f" instr/key-tile {r['instr_per_key_tile']}"
+                    if r.get("instr_per_key_tile")
+                    else ""
+                )
             )
     return "\n".join(lines)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import sys
 
 import torch
@@ -39,10 +40,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="default: 2 on CUDA, 1 on CPU")
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="64^3, feature size 24, short timing")
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="CPU: one warm-up call and at least this many timed ones (the GPU plan's dry run: 1)",
+    )
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5),
                                  base=H.TimingConfig(warmup=2, min_run_time=3.0, min_samples=5))
+    if a.samples:
+        timing = dataclasses.replace(timing, warmup=1, min_samples=a.samples)
     try:
         from monai.networks.nets import SwinUNETR
     except ImportError:

@@ -10,10 +10,16 @@ grad):
   compiled  torch.compile(eager) (GPU default; compile time excluded)
   flex      FlexAttention under torch.compile on the partitioned windows, score_mod adds the
             gathered bias and the shift mask (GPU only; learnable bias through its backward)
+  flex_table  FlexAttention under torch.compile with the bias table itself as the score_mod's
+            learnable buffer (read through the relative-position index, as the kernels do) and
+            the shift mask as a block mask (its -inf stands for torchvision's -100: exp(-100)
+            underflows the softmax the same); GPU only
 (the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph); fwd+bwd. TFLOP/s use the matmul count of
 ``window_attention3d_flops`` (forward 4 * N * window_volume * hd per head and sample, backward
-2.5x that).
+2.5x that); on a known GPU each line also gives the roofline bound (max of FLOPs at the dense
+bf16 / fp16 peak and the byte floor ``nbytes`` at the HBM bandwidth, ``ROOFLINE``) as a
+percentage of the measured time.
 
 Run from the repository root:
   python -m bench.window_attention --quick --no-csv   # CPU, BertsWin batch 1
@@ -40,7 +46,7 @@ from mae3d.reference.window_attention import table_rows
 
 OP = "window_attention3d"
 SUBJECT = "mae3d"
-PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex")
+PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex", "flex_table")
 CPU_PROVIDERS = ("mae3d", "eager", "sdpa")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -106,6 +112,23 @@ def make_inputs(case: Case, cfg: BenchConfig) -> Inputs:
                   gy.to(dev, dt))
 
 
+# dense bf16/fp16 tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s) by device name
+ROOFLINE = {"h100": (989.0, 3.35), "h200": (989.0, 4.8), "a100": (312.0, 2.0)}
+
+
+def roofline_ms(case: Case, dtype: torch.dtype, mode: str, device: torch.device) -> float | None:
+    """The roofline bound of one call in ms on a known GPU (None elsewhere)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    peak = next((v for k, v in ROOFLINE.items() if k in name), None)
+    if peak is None:
+        return None
+    return 1e3 * max(
+        flops(case, mode) / (peak[0] * 1e12), nbytes(case, dtype, mode) / (peak[1] * 1e12)
+    )
+
+
 def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     """Forward of provider ``name`` as a function of (qkv, table)."""
     w, s = case.window, case.shift
@@ -124,6 +147,9 @@ def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
         return lambda qkv, t: fn(*split(qkv), w, s, t)
     if name == "flex":
         fn = baselines.flex_windows(w, s)
+        return lambda qkv, t: fn(*split(qkv), t)
+    if name == "flex_table":
+        fn = baselines.flex_table_windows(w, s)
         return lambda qkv, t: fn(*split(qkv), t)
     raise ValueError(name)
 
@@ -170,12 +196,14 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
                 print(f"  SKIP {name} {mode}: {H.why(e)}")
                 continue
             backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
-                "inductor" if name in ("compiled", "flex") else "torch")
+                "inductor" if name in ("compiled", "flex", "flex_table") else "torch")
             results.append(H.Result(OP, name, backend, case.variant, mode, case.shape, cfg.dtype,
                                     t, nbytes(case, cfg.dtype, mode), ceiling, mem, how))
             tflops = flops(case, mode) / (t.p50_ms * 1e-3) / 1e12
-            print(f"  {case.variant:<28} {mode:<7} {name:<9} {t.p50_ms:10.3f} ms "
-                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB",
+            bound = roofline_ms(case, cfg.dtype, mode, cfg.device)
+            roof = f" {100 * bound / t.p50_ms:6.1f} % of roofline" if bound else ""
+            print(f"  {case.variant:<28} {mode:<7} {name:<10} {t.p50_ms:10.3f} ms "
+                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB{roof}",
                   flush=True)
     del fns, inp
     H.release(cfg.device)
@@ -200,8 +228,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
         cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES, *TINY_CASES)
                                     if c.name in names and (c.batch == a.batch or not a.batch)))
     providers = a.providers or (PROVIDERS if gpu else CPU_PROVIDERS)
-    if not gpu:
-        providers = tuple(p for p in providers if p != "flex")  # Triton-generated: GPU only
+    if not gpu:  # Triton-generated: GPU only
+        providers = tuple(p for p in providers if p not in ("flex", "flex_table"))
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = BenchConfig(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],
