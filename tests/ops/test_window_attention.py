@@ -363,15 +363,7 @@ def _triton_vs_reference(q, k, v, table, gy, window, shift, dtype, bw=None):
     ref = reference64(q, k, v, table, gy, window, shift, bias_window_size=bw)
     with use_backend("triton"):
         got = run(window_attention3d, q, k, v, table, gy, window, shift, bias_window_size=bw)
-    B, grid = q.shape[0], q.shape[1:4]
-    padded = [-(-s // w) * w for s, w in zip(grid, window)]
-    n_sum = B * math.prod(padded) * math.prod(window) // table_rows(bw or window)
-    if table is not None:
-        assert_close_to_reference(got, ref, dtype, n_sum)
-    else:
-        for name, o, r in zip(NAMES, got, ref):
-            torch.testing.assert_close(o.double(), r, **tol(dtype),
-                                       msg=lambda s, n=name: f"{n}: {s}")
+    assert_close_to_reference(got, ref, (q, k, v, table, gy), window, shift, bias_window_size=bw)
     return got
 
 
