@@ -143,7 +143,7 @@ def _layout_plan(x: torch.Tensor, batch: bool, synced: bool) -> _Plan:
     _, C, D, H, W = x.shape
     # NCDHW wins when both predicates hold (C == 1 or S == 1: the layouts coincide)
     return _plan(x.shape[0], C, D * H * W, not x.is_contiguous(), x.dtype, _sms(x.device), batch,
-                 synced, (FUSED_MAX_S, FUSED_MAX_BATCH, _TILE))
+                 synced, _limits())
 
 
 @functools.lru_cache(maxsize=64)
@@ -156,10 +156,10 @@ def _hilo(v: float) -> tuple[float, float]:
 
 def _scalars(wide: bool, eps: float, slope, momentum: float = 0.0):
     """(eps, slope, momentum) runtime values and their constexpr float64 remainders."""
-    (e, e_lo), (s, s_lo), (m, m_lo) = (_hilo(float(v)) for v in (eps, slope or 0.0, momentum))
-    lo = dict(EPS_LO=e_lo, SLOPE_LO=s_lo, MOM_LO=m_lo) if wide else \
-        dict(EPS_LO=0.0, SLOPE_LO=0.0, MOM_LO=0.0)
-    return (e, s, m), lo
+    (e, e_lo), (s, s_lo), (m, m_lo) = _hilo(eps), _hilo(slope or 0.0), _hilo(momentum)
+    if not wide:
+        e_lo = s_lo = m_lo = 0.0
+    return (e, s, m), dict(EPS_LO=e_lo, SLOPE_LO=s_lo, MOM_LO=m_lo)
 
 
 def _run(kernel, grid, x, args, meta):
@@ -175,6 +175,46 @@ def _mask_stride(mask):
     return 0 if mask is None else mask.stride(0)
 
 
+class _Pass(NamedTuple):
+    """What one pass launches for one call signature, computed once (``_forward_pass`` /
+    ``_backward_pass``) and looked up after: the host cost of a call is then its allocations
+    and its launches."""
+
+    plan: _Plan
+    fused: bool
+    grid: tuple  # of the fused or the normalising / input-gradient kernel
+    meta: dict  # its constexprs and launch options
+    reduce_meta: dict | None  # the partials kernel's (None: no partials kernel)
+    scalars: tuple  # eps, slope (, momentum) as fp32 runtime values
+    samples: int  # samples per fused program
+
+
+@functools.lru_cache(maxsize=512)
+def _forward_pass(B, C, S, channels_last, dtype, sms, instance, use_input_stats, has_mask,
+                  has_w, has_b, slope, update, synced_p, eps, momentum, limits) -> _Pass:
+    """``synced_p``: P of the given all-gathered partials, or 0."""
+    plan = _plan(B, C, S, channels_last, dtype, sms, not instance, synced_p > 0, limits)
+    scalars, lo = _scalars(plan.acc == torch.float64, eps, slope, momentum)
+    flags = dict(HAS_MASK=has_mask, HAS_W=has_w, HAS_B=has_b, HAS_SLOPE=slope is not None,
+                 UPDATE=update, **lo, **plan.meta)
+    if use_input_stats and not synced_p and plan.fused:
+        # one program per channel block holds every sample when a result needs them all
+        samples = 1 if (instance and not update) else B
+        return _Pass(plan, True, (_cdiv(B, samples), plan.cb), dict(INSTANCE=instance, **flags),
+                     None, scalars, samples)
+    block_p = plan.BLOCK_P
+    if synced_p:
+        block_p = min(_p2(synced_p), max(16, 1024 // plan.meta["BLOCK_C"]))
+    stats = 0 if instance and use_input_stats else 1 if use_input_stats else 2
+    reduce_meta = dict(HAS_MASK=has_mask, **plan.meta)
+    return _Pass(plan, False, (B, plan.cb, plan.K), dict(STATS=stats, BLOCK_P=block_p, **flags),
+                 reduce_meta if use_input_stats and not synced_p else None, scalars, B)
+
+
+def _limits():
+    return FUSED_MAX_S, FUSED_MAX_BATCH, _TILE
+
+
 # ----------------------------------------------------------------------------------------------
 # The passes, as mae3d.ops calls them (its checks ran already; the checked entry points below are
 # for direct calls)
@@ -185,43 +225,38 @@ def forward_op(x, mask, weight, bias, running_mean, running_var, instance, use_i
     """See ``masked_norm_forward``; inputs already validated."""
     B, C, D, H, W = x.shape
     S = D * H * W
-    per_sample = instance and use_input_stats
-    plan = _layout_plan(x, not instance, partials is not None)
-    shape = (B, C) if per_sample else (C,)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (B, C) if instance and use_input_stats else (C,)
     out = torch.empty_like(x)
-    mean, var, count = (x.new_empty(shape, dtype=plan.acc) for _ in range(3))
+    mean, var, count = x.new_empty(shape, dtype=acc), x.new_empty(shape, dtype=acc), \
+        x.new_empty(shape, dtype=acc)
     if B * C * S == 0:
         count.zero_()
         if use_input_stats:
             return out, mean.zero_(), var.zero_(), count  # no visible voxel: nothing updated
         return out, mean.copy_(running_mean), var.copy_(running_var), count
     update = use_input_stats and running_mean is not None and momentum != 0
-    wide = plan.acc == torch.float64
-    (eps, slope, mom), lo = _scalars(wide, eps, negative_slope, momentum)
-    flags = dict(HAS_MASK=mask is not None, HAS_W=weight is not None, HAS_B=bias is not None,
-                 HAS_SLOPE=negative_slope is not None, UPDATE=update, **lo, **plan.meta)
-    ms = _mask_stride(mask)
-    if use_input_stats and partials is None and plan.fused:
-        # one program per channel block holds every sample when a result needs them all
-        samples = 1 if (instance and not update) else B
-        _run(_masked_norm_fused_fwd_kernel, (_cdiv(B, samples), plan.cb), x,
+    ps = _forward_pass(B, C, S, not x.is_contiguous(), x.dtype, _sms(x.device), instance,
+                       use_input_stats, mask is not None, weight is not None, bias is not None,
+                       negative_slope, update, 0 if partials is None else partials.shape[3], eps,
+                       momentum, _limits())
+    ms = 0 if mask is None else mask.stride(0)
+    if ps.fused:
+        _run(_masked_norm_fused_fwd_kernel, ps.grid, x,
              (x, mask, weight, bias, running_mean, running_var, out, mean, var, count,
-              B, C, S, samples, eps, slope, mom, ms), dict(INSTANCE=instance, **flags))
+              B, C, S, ps.samples, *ps.scalars, ms), ps.meta)
         return out, mean, var, count
-    world, P, parts, block_p = 1, plan.P, partials, plan.BLOCK_P
-    if use_input_stats and partials is None:
-        parts = x.new_empty((1, 3, C, P), dtype=plan.acc)
+    plan = ps.plan
+    world, P, parts = 1, plan.P, partials
+    if ps.reduce_meta is not None:
+        parts = x.new_empty((1, 3, C, P), dtype=acc)
         _run(_masked_norm_stats_kernel, (plan.cb, P), x,
-             (x, mask, parts, C, S, plan.K, plan.CHUNK, plan.NU, P, ms),
-             dict(HAS_MASK=mask is not None, **plan.meta))
+             (x, mask, parts, C, S, plan.K, plan.CHUNK, plan.NU, P, ms), ps.reduce_meta)
     elif partials is not None:
         world, P = partials.shape[0], partials.shape[3]
-        block_p = min(_p2(P), max(16, 1024 // plan.meta["BLOCK_C"]))
-    stats = 0 if per_sample else 1 if use_input_stats else 2
-    _run(_masked_norm_fwd_kernel, (B, plan.cb, plan.K), x,
+    _run(_masked_norm_fwd_kernel, ps.grid, x,
          (x, mask, weight, bias, running_mean, running_var, parts, out, mean, var, count,
-          B, C, S, plan.K, plan.CHUNK, P, world, eps, slope, mom, ms),
-         dict(STATS=stats, BLOCK_P=block_p, **flags))
+          B, C, S, plan.K, plan.CHUNK, P, world, *ps.scalars, ms), ps.meta)
     return out, mean, var, count
 
 
@@ -239,44 +274,61 @@ def partials_op(x, mask):
     return parts
 
 
+@functools.lru_cache(maxsize=512)
+def _backward_pass(B, C, S, channels_last, dtype, sms, instance, use_input_stats, has_mask,
+                   has_w, has_b, slope, synced_p, eps, limits) -> _Pass:
+    plan = _plan(B, C, S, channels_last, dtype, sms, not instance, synced_p > 0, limits)
+    (e, s, _), lo = _scalars(plan.acc == torch.float64, eps, slope)
+    del lo["MOM_LO"]
+    per_sample = instance and use_input_stats
+    flags = dict(PER_SAMPLE=per_sample, HAS_MASK=has_mask, HAS_W=has_w, HAS_B=has_b,
+                 HAS_SLOPE=slope is not None, **lo, **plan.meta)
+    if not synced_p and plan.fused:
+        samples = 1 if (per_sample and not (has_w or has_b)) else B
+        return _Pass(plan, True, (_cdiv(B, samples), plan.cb),
+                     dict(INPUT_STATS=use_input_stats, **flags), None, (e, s), samples)
+    block_p = plan.BLOCK_P
+    if synced_p:
+        block_p = min(_p2(synced_p), max(16, 1024 // plan.meta["BLOCK_C"]))
+    # the partial sums serve the coefficients and the weight/bias gradients
+    reduce = not synced_p and (use_input_stats or has_w or has_b)
+    return _Pass(plan, False, (B, plan.cb, plan.K),
+                 dict(INPUT_STATS=use_input_stats, BLOCK_P=block_p, **flags),
+                 flags if reduce else None, (e, s), B)
+
+
 def backward_op(grad_out, x, mask, weight, bias, mean, var, count, instance, use_input_stats,
                 eps, negative_slope, partials=None, rank=0):
     """See ``masked_norm_backward``; inputs already validated."""
     B, C, D, H, W = x.shape
     S = D * H * W
-    per_sample = instance and use_input_stats
     grad_x = torch.empty_like(x)
     gw = torch.empty_like(weight) if weight is not None else x.new_empty(0)
     gb = torch.empty_like(bias) if bias is not None else x.new_empty(0)
     if B * C * S == 0:
         return grad_x, gw.zero_(), gb.zero_()
-    has_wb = weight is not None or bias is not None
-    plan = _layout_plan(x, not instance, partials is not None)
-    (eps, slope, _), lo = _scalars(plan.acc == torch.float64, eps, negative_slope)
-    del lo["MOM_LO"]
-    flags = dict(PER_SAMPLE=per_sample, HAS_MASK=mask is not None, HAS_W=weight is not None,
-                 HAS_B=bias is not None, HAS_SLOPE=negative_slope is not None, **lo,
-                 **plan.meta)
-    ms = _mask_stride(mask)
-    if partials is None and plan.fused:
-        samples = 1 if (per_sample and not has_wb) else B
-        _run(_masked_norm_fused_bwd_kernel, (_cdiv(B, samples), plan.cb), x,
+    ps = _backward_pass(B, C, S, not x.is_contiguous(), x.dtype, _sms(x.device), instance,
+                        use_input_stats, mask is not None, weight is not None, bias is not None,
+                        negative_slope, 0 if partials is None else partials.shape[3], eps,
+                        _limits())
+    ms = 0 if mask is None else mask.stride(0)
+    if ps.fused:
+        _run(_masked_norm_fused_bwd_kernel, ps.grid, x,
              (grad_out, x, mask, weight, bias, mean, var, count, grad_x, gw, gb,
-              B, C, S, samples, eps, slope, ms), dict(INPUT_STATS=use_input_stats, **flags))
+              B, C, S, ps.samples, *ps.scalars, ms), ps.meta)
         return grad_x, gw, gb
-    world, P, parts, block_p = 1, plan.P, partials, plan.BLOCK_P
-    if partials is None and (use_input_stats or has_wb):
+    plan = ps.plan
+    world, P, parts = 1, plan.P, partials
+    if ps.reduce_meta is not None:
         parts = x.new_empty((1, 2, C, P), dtype=plan.acc)
         _run(_masked_norm_bwd_reduce_kernel, (plan.cb, P), x,
              (grad_out, x, mask, weight, bias, mean, var, parts, C, S, plan.K, plan.CHUNK,
-              plan.NU, P, eps, slope, ms), flags)
+              plan.NU, P, *ps.scalars, ms), ps.reduce_meta)
     elif partials is not None:
         world, P = partials.shape[0], partials.shape[3]
-        block_p = min(_p2(P), max(16, 1024 // plan.meta["BLOCK_C"]))
-    _run(_masked_norm_bwd_kernel, (B, plan.cb, plan.K), x,
+    _run(_masked_norm_bwd_kernel, ps.grid, x,
          (grad_out, x, mask, weight, bias, mean, var, count, parts, grad_x, gw, gb,
-          C, S, plan.K, plan.CHUNK, P, world, rank, eps, slope, ms),
-         dict(INPUT_STATS=use_input_stats, BLOCK_P=block_p, **flags))
+          C, S, plan.K, plan.CHUNK, P, world, rank, *ps.scalars, ms), ps.meta)
     return grad_x, gw, gb
 
 

@@ -34,6 +34,8 @@ def flat_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
         return None
     B, _, D, H, W = x.shape
     m = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
+    if m.dim() == 5 and m.shape[0] == B and m.is_contiguous():  # (B, 1, D, H, W): a view
+        return m.view(B, D * H * W)
     m = m.expand(B, 1, D, H, W).reshape(B, D * H * W)
     return m if m.stride(1) == 1 or m.shape[1] <= 1 else m.contiguous()
 

@@ -59,8 +59,8 @@ def _functions(name: str, backward: bool):
 
 def _forward(x, mask, weight, bias, running_mean, running_var, mode, use_input_stats, eps,
              slope, group_name, momentum):
-    """(backend name, out, mean, var, count); updates running_mean/var in place when training
-    with a nonzero momentum."""
+    """(backend name, (out, mean, var, count), (x, mask, weight, bias) as the kernels took them);
+    updates running_mean/var in place when training with a nonzero momentum."""
     _checks.masked_norm(x, mask, weight, bias, running_mean, running_var, mode, use_input_stats,
                         eps, slope)
     if not (isinstance(momentum, (int, float)) and math.isfinite(momentum)):
@@ -69,6 +69,7 @@ def _forward(x, mask, weight, bias, running_mean, running_var, mode, use_input_s
     fns = _functions(name, False)
     xk = _norm_steps.kernel_layout(x)
     m = _norm_steps.flat_mask(mask, x)
+    w, b = _norm_steps.dense(weight), _norm_steps.dense(bias)
     update = use_input_stats and running_mean is not None and momentum != 0
     rm = rv = None
     if update or not use_input_stats:
@@ -76,29 +77,26 @@ def _forward(x, mask, weight, bias, running_mean, running_var, mode, use_input_s
     parts = None
     if group_name is not None and mode == "batch" and use_input_stats:
         parts = _norm_steps.gather(fns.partials(xk, m), group_name)[0]
-    out, mean, var, count = fns.forward(
-        xk, m, _norm_steps.dense(weight), _norm_steps.dense(bias), rm, rv, mode == "instance",
-        use_input_stats, eps, slope, float(momentum), parts)
+    outs = fns.forward(xk, m, w, b, rm, rv, mode == "instance", use_input_stats, float(eps), slope,
+                       float(momentum), parts)
     if update:
         for buf, used in ((running_mean, rm), (running_var, rv)):
             if buf is not used:  # a non-contiguous buffer was updated through a copy
                 buf.copy_(used)
-    return name, out, mean, var, count
+    return name, outs, (xk, m, w, b)
 
 
-def _backward(grad_out, x, mask, weight, bias, mean, var, count, mode, use_input_stats, eps,
-              slope, group_name, name):
+def _backward(grad_out, xk, m, w, b, mean, var, count, mode, use_input_stats, eps, slope,
+              group_name, name):
+    """The backward pass on the forward's kernel inputs (``_forward``'s third result)."""
     fns = _functions(name, True)
-    xk = _norm_steps.kernel_layout(x)
     g = grad_out.contiguous(memory_format=_norm_steps.memory_format(xk))
-    m = _norm_steps.flat_mask(mask, x)
-    w, b = _norm_steps.dense(weight), _norm_steps.dense(bias)
     parts, rank = None, 0
     if group_name is not None:
         parts, rank = _norm_steps.gather(fns.partials(g, xk, m, w, b, mean, var, eps, slope),
                                          group_name)
     return fns.backward(g, xk, m, w, b, mean, var, count, mode == "instance", use_input_stats,
-                        eps, slope, parts, rank)
+                        float(eps), slope, parts, rank)
 
 
 @torch.library.custom_op("mae3d::masked_norm", mutates_args=("running_mean", "running_var"))
@@ -122,7 +120,7 @@ def _masked_norm_op(
     with ``momentum`` (0: left alone). ``norm_mode`` is "instance" or "batch" (not ``mode``:
     that name clashes with torch's auto-functionalization of mutating ops)."""
     return _forward(x, mask, weight, bias, running_mean, running_var, norm_mode,
-                    use_input_stats, eps, negative_slope, group_name, momentum)[1:]
+                    use_input_stats, eps, negative_slope, group_name, momentum)[1]
 
 
 @_masked_norm_op.register_fake
@@ -156,10 +154,10 @@ def _masked_norm_backward_op(
     (bias). grad_weight/grad_bias are this rank's sums (DDP averages parameter gradients)."""
     _checks.masked_norm_backward(grad_out, x, mask, weight, bias, mean, var, count, mode,
                                  use_input_stats, eps, negative_slope, group_name)
-    name = BACKENDS.choose(x.device.type)[0]
-    return _backward(grad_out, x, mask, weight, bias, _norm_steps.dense(mean),
-                     _norm_steps.dense(var), _norm_steps.dense(count), mode, use_input_stats, eps,
-                     negative_slope, group_name, name)
+    d = _norm_steps.dense
+    return _backward(grad_out, _norm_steps.kernel_layout(x), _norm_steps.flat_mask(mask, x),
+                     d(weight), d(bias), d(mean), d(var), d(count), mode, use_input_stats, eps,
+                     negative_slope, group_name, BACKENDS.choose(x.device.type)[0])
 
 
 @_masked_norm_backward_op.register_fake
@@ -209,9 +207,9 @@ class _EagerMaskedNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, mask, weight, bias, running_mean, running_var, args):
-        name, out, mean, var, count = _forward(x, mask, weight, bias, running_mean, running_var,
-                                               *args)
-        ctx.save_for_backward(x, mask, weight, bias, mean, var, count)
+        name, (out, mean, var, count), kin = _forward(x, mask, weight, bias, running_mean,
+                                                      running_var, *args)
+        ctx.save_for_backward(*kin, mean, var, count)
         ctx.args, ctx.backend = args, name
         ctx.set_materialize_grads(False)
         return out
@@ -221,12 +219,12 @@ class _EagerMaskedNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         if grad_out is None:
             return (None,) * 7
-        x, mask, weight, bias, mean, var, count = ctx.saved_tensors
+        xk, m, w, b, mean, var, count = ctx.saved_tensors
         mode, use_input_stats, eps, slope, group_name, _ = ctx.args
         # every input but grad_out was checked by the forward
-        _checks.like("masked_norm_backward", "grad_out", grad_out, "x", x)
-        gx, gw, gb = _backward(grad_out, x, mask, weight, bias, mean, var, count, mode,
-                               use_input_stats, eps, slope, group_name, ctx.backend)
+        _checks.like("masked_norm_backward", "grad_out", grad_out, "x", xk)
+        gx, gw, gb = _backward(grad_out, xk, m, w, b, mean, var, count, mode, use_input_stats,
+                               eps, slope, group_name, ctx.backend)
         need = ctx.needs_input_grad
         return (gx if need[0] else None, None, gw if need[2] else None,
                 gb if need[3] else None, None, None, None)
