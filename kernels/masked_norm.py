@@ -139,6 +139,20 @@ def _sms(device: torch.device) -> int:
     return 132  # interpreter and meta runs: plan for an H100
 
 
+def _reduction_warps(plan: _Plan, fused: bool) -> int:
+    """Warps of the backward's reduction kernels (the fused backward, the partial sums): at full
+    tiles not the plan's 8. Both compute the affine coefficients with an IEEE square root whose
+    rare-operand path is a subroutine call on sm_90, and at 8 warps ptxas keeps them at 80
+    registers and spills around that call (Triton 3.9 and 3.6). The partial sums run at 4 warps
+    (32 lanes per thread: fewer loop instructions per element, and about 8 programs per SM hide
+    the latency); the fused backward, about one program per SM at 40^3 (a channel each), at 16
+    warps (8 lanes per thread). The tile, hence the 128-bit loads, stays as it is."""
+    warps = plan.meta["num_warps"]
+    if warps < 8:
+        return warps
+    return 16 if fused else 4
+
+
 def _layout_plan(x: torch.Tensor, batch: bool, synced: bool) -> _Plan:
     _, C, D, H, W = x.shape
     # NCDHW wins when both predicates hold (C == 1 or S == 1: the layouts coincide)
@@ -286,7 +300,8 @@ def _backward_pass(B, C, S, channels_last, dtype, sms, instance, use_input_stats
     if not synced_p and plan.fused:
         samples = 1 if (per_sample and not (has_w or has_b)) else B
         return _Pass(plan, True, (_cdiv(B, samples), plan.cb),
-                     dict(INPUT_STATS=use_input_stats, **flags), None, (e, s), samples)
+                     {**flags, "INPUT_STATS": use_input_stats,
+                      "num_warps": _reduction_warps(plan, True)}, None, (e, s), samples)
     block_p = plan.BLOCK_P
     if synced_p:
         block_p = min(_p2(synced_p), max(16, 1024 // plan.meta["BLOCK_C"]))
@@ -294,7 +309,8 @@ def _backward_pass(B, C, S, channels_last, dtype, sms, instance, use_input_stats
     reduce = not synced_p and (use_input_stats or has_w or has_b)
     return _Pass(plan, False, (B, plan.cb, plan.K),
                  dict(INPUT_STATS=use_input_stats, BLOCK_P=block_p, **flags),
-                 flags if reduce else None, (e, s), B)
+                 {**flags, "num_warps": _reduction_warps(plan, False)} if reduce else None,
+                 (e, s), B)
 
 
 def backward_op(grad_out, x, mask, weight, bias, mean, var, count, instance, use_input_stats,
@@ -345,7 +361,8 @@ def bwd_partials_op(grad_out, x, mask, weight, bias, mean, var, eps, negative_sl
          (grad_out, x, mask, weight, bias, mean, var, parts, C, D * H * W, plan.K, plan.CHUNK,
           plan.NU, plan.P, eps, slope, _mask_stride(mask)),
          dict(PER_SAMPLE=False, HAS_MASK=mask is not None, HAS_W=weight is not None,
-              HAS_B=bias is not None, HAS_SLOPE=negative_slope is not None, **lo, **plan.meta))
+              HAS_B=bias is not None, HAS_SLOPE=negative_slope is not None, **lo,
+              **{**plan.meta, "num_warps": _reduction_warps(plan, False)}))
     return parts
 
 

@@ -295,3 +295,34 @@ def test_launcher_checks_name_the_argument(kernels, triton_device, name, change)
              negative_slope=None, momentum=0.0)
     with pytest.raises(ValueError, match=name):
         kernels.masked_norm_forward(**change(a))
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("mode", ["instance", "batch"])
+def test_backward_reduction_warps(kernels, mode):
+    """At full tiles the backward's reduction kernels leave the plan's 8 warps (ptxas spilled
+    around the square root's subroutine call there): the partial sums run at 4 warps, the fused
+    backward at 16; the tile (hence the vector width) and every other kernel keep the plan's."""
+    instance = mode == "instance"
+
+    def passes(side, dtype=torch.bfloat16):
+        key = (2, 32, side**3, False, dtype, 132, instance, True, True, True, True, 0.01)
+        fwd = kernels._forward_pass(*key, False, 0, 1e-5, 0.1, kernels._limits())
+        bwd = kernels._backward_pass(*key, 0, 1e-5, kernels._limits())
+        return fwd, bwd
+
+    fwd, bwd = passes(160)  # split path: partials + merging kernel
+    assert not bwd.fused and fwd.plan.meta["num_warps"] == 8
+    assert bwd.reduce_meta["num_warps"] == 4 and bwd.meta["num_warps"] == 8
+    assert bwd.reduce_meta["NV"] * bwd.reduce_meta["V"] == 4096 == bwd.plan.meta["NV"] * 8
+    assert fwd.meta["num_warps"] == 8 and fwd.reduce_meta["num_warps"] == 8
+    fwd, bwd = passes(40)  # fused path
+    assert bwd.fused and bwd.meta["num_warps"] == 16 and fwd.meta["num_warps"] == 8
+    assert bwd.meta["NV"] == fwd.meta["NV"]
+    for side, dtype in ((10, torch.bfloat16), (160, torch.float64), (40, torch.float64)):
+        fwd, bwd = passes(side, dtype)  # smaller tiles: the plan's warps everywhere
+        warps = bwd.plan.meta["num_warps"]
+        assert warps < 8
+        assert bwd.meta["num_warps"] == warps == fwd.meta["num_warps"]
+        if bwd.reduce_meta is not None:
+            assert bwd.reduce_meta["num_warps"] == warps
