@@ -8,19 +8,27 @@ scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
             host overhead would give.
   tune      autotune sweeps of launch parameters; the winner of each (kernel, problem key) goes to
             --configs as a ``kernels/configs/<gpu>.json`` file (see ``mae3d.kernels.tuning``),
-            to be committed under the GPU's name. Today: the masked-norm forward
-            kernels (BLOCK_S x num_warps); kernel issues add their sweeps to ``SWEEPS``.
+            to be committed under the GPU's name. Today: the masked-norm kernels of a
+            fwd+bwd step (num_warps; ``_sweep_masked_norm``), the four window-attention kernels
+            at the BertsWin shape (tiles, blocks per program, chunks;
+            ``_sweep_window_attention``); kernel
+            issues add their sweeps to ``SWEEPS``.
+  wattn     window_attention3d's design rows at the BertsWin shape (b2, shift 3): the bias read
+            from a shared-memory staged column (default) vs in place (gather) vs dense padded
+            tiles (MAE3D_WATTN_BIAS), forward and forward + backward each.
 Rows: question, op, case, variant, metric, value, unit, device, torch, triton, git_sha, date.
 
-    python bench/gpu_design.py --out design.csv --configs configs.json        # CUDA
-    TRITON_INTERPRET=1 python bench/gpu_design.py --device cpu --tiny --out d.csv --configs c.json
+    python -m bench.gpu_design --out design.csv --configs configs.json        # CUDA
+    TRITON_INTERPRET=1 python -m bench.gpu_design --device cpu --tiny --out d.csv --configs c.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -29,12 +37,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import harness as H  # noqa: E402
-from mae3d.ops import masked_norm, use_backend, window_attention3d  # noqa: E402
+from bench import harness as H
+from mae3d.ops import masked_norm, use_backend, window_attention3d
 
 COLUMNS = (
     "question",
@@ -212,54 +216,213 @@ def graph(w: Writer, dev: torch.device, probs, reps: int) -> None:
             w.row("graph", op, case, "cuda_graph", "error", type(e).__name__, "")
 
 
-def _sweep_masked_norm(dev, dtype, tiny):
-    """(kernel, key, [(params, run)]) for the masked-norm forward kernel."""
-    from mae3d.kernels import masked_norm as K
+class _forced_norm:
+    """Inside the block, masked_norm's launcher launches ``kernel`` with ``params`` merged into its
+    launch options (``kernels/masked_norm.py``'s ``_run``; the cached launch plans stay as they
+    are). Warps and vectors per tile (NV) are free parameters of every masked-norm kernel: its
+    loops run to the chunk or group end, whatever the tile."""
 
+    def __init__(self, kernel: str | None = None, params: dict | None = None, seen=None):
+        from mae3d.kernels import masked_norm as K
+
+        self.K, self.kernel, self.params, self.seen = K, kernel, params or {}, seen
+
+    def __enter__(self):
+        original = self.original = self.K._run
+
+        def run(kernel, grid, x, args, meta):
+            name = kernel.fn.__name__
+            if name == self.kernel:
+                meta = {**meta, **self.params}
+            if self.seen is not None:
+                self.seen.setdefault(name, meta)
+            return original(kernel, grid, x, args, meta)
+
+        self.K._run = run
+
+    def __exit__(self, *exc):
+        self.K._run = self.original
+
+
+def _sweep_masked_norm(dev, dtype, tiny):
+    """(kernel, key, [(params, run, context)]) for every kernel of a masked-norm fwd+bwd step
+    (instance mode, affine + LeakyReLU, 3/4 of the voxels masked): at 160^3 the split path's
+    four kernels, at 10^3 the fused forward and backward; num_warps around each kernel's default
+    (issue 15 moved the backward's reduction kernels off 8 warps for spills: this measures it).
+    Every candidate's outputs are checked against the default configuration's."""
     shapes = [(1, 2, 4, 4, 4)] if tiny else [(2, 32, 160, 160, 160), (2, 320, 10, 10, 10)]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     out = []
     for shape in shapes:
         B, C, *sp = shape
-        x = torch.randn(shape, device=dev, dtype=dtype)
-        m = (torch.rand(B, int(torch.tensor(sp).prod()), device=dev) > 0.75).to(torch.uint8)
-        sc, sh = torch.ones(B, C, device=dev), torch.zeros(B, C, device=dev)
+        x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+        m = torch.rand(B, 1, *sp, device=dev) > 0.75
+        w = torch.ones(C, device=dev, requires_grad=True)
+        b = torch.zeros(C, device=dev, requires_grad=True)
+        gy = torch.randn_like(x)
+
+        def step(x=x, m=m, w=w, b=b, gy=gy):
+            y = masked_norm(x, m, w, b, negative_slope=0.01)
+            return (y.detach(), *torch.autograd.grad(y, (x, w, b), gy))
+
+        seen: dict[str, dict] = {}
+        with _forced_norm(seen=seen):
+            ref = step()  # at the configurations the launcher picks today
         key = f"{'x'.join(map(str, shape))}/{H.dtype_str(dtype)}/ncdhw"
-        base = K._config(x)
-        runs = []
-        for block_s in (512, 1024, 2048):
-            for warps in (4, 8):
-                cfg = dict(base, BLOCK_S=min(block_s, base["BLOCK_S"] * 8), num_warps=warps)
-                params = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": warps}
-
-                def fwd(cfg=cfg, x=x, m=m, sc=sc, sh=sh, C=C):
-                    out = torch.empty_like(x)
-                    K._launch(
-                        K._masked_norm_fwd_kernel,
-                        cfg,
-                        x,
-                        m,
-                        sc,
-                        sh,
-                        out,
-                        C,
-                        cfg["S"],
-                        cfg["CHUNK_S"],
-                        0.01,
-                        0.0,
-                        *cfg["strides"],
-                        m.stride(0),
-                        *K._strides_bcs(out),
-                        HAS_SLOPE=True,
-                        ACC_DTYPE=K._acc(x)[1],
-                    )
-                    return out
-
-                runs.append((params, fwd))
-        out.append(("_masked_norm_fwd_kernel", key, runs))
+        for kernel, meta in list(seen.items())[: 1 if tiny else None]:
+            default = {"NV": meta["NV"], "num_warps": meta["num_warps"]}
+            others = [n for n in (4, 8, 16) if n != default["num_warps"]]
+            warps = [default["num_warps"], *others[: 1 if tiny else 2]]
+            runs = []
+            for n in warps:
+                params = {**default, "num_warps": n}
+                runs.append((params, _checked(step, ref, tol), _forced_norm(kernel, params)))
+            out.append((kernel, key, runs))
     return out
 
 
-SWEEPS: list[Callable] = [_sweep_masked_norm]
+def _wattn_inputs(dev, dtype, tiny):
+    B, g, nh, hd, w, sh = (1, 2, 1, 16, 2, 1) if tiny else (2, 14, 12, 64, 7, 3)
+    qkv = torch.randn(B, g, g, g, 3, nh, hd, device=dev, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(4))
+    table = (torch.randn((2 * w - 1) ** 3, nh, device=dev) * 0.02).requires_grad_()
+    return q, k, v, table, (w,) * 3, (sh,) * 3
+
+
+class _forced:
+    """Inside the block, window_attention3d's launcher takes ``params`` for ``kernel`` (the sweep's
+    way to try a configuration; the launch plans are cached per problem, so they are reset)."""
+
+    def __init__(self, kernel: str | None = None, params: dict | None = None):
+        from mae3d.kernels import window_attention as K
+
+        self.K, self.kernel, self.params = K, kernel, params or {}
+
+    def __enter__(self):
+        K, original = self.K, self.K.launch_config
+        self.original = original
+
+        def launch_config(kernel, *args):
+            cfg = original(kernel, *args)
+            return {**cfg, **self.params} if kernel == self.kernel else cfg
+
+        K.launch_config = launch_config
+        K._plan.cache_clear()
+
+    def __exit__(self, *exc):
+        self.K.launch_config = self.original
+        self.K._plan.cache_clear()
+
+
+# (kernel, candidates): the default first; each candidate changes only that kernel's launch
+_WATTN_CANDIDATES = (
+    (
+        "_window_attention3d_fwd_kernel",
+        ({}, {"QPP": 3}, {"BLOCK_M": 64, "num_warps": 4}, {"num_stages": 2}),
+    ),
+    ("_window_attention3d_bwd_dq_kernel", ({}, {"QPP": 3}, {"BLOCK_M": 64, "num_warps": 4})),
+    ("_window_attention3d_bwd_dkdv_kernel", ({}, {"KPP": 3}, {"BLOCK_M": 64}, {"num_stages": 2})),
+    (
+        "_window_attention3d_bwd_dbias_kernel",
+        ({}, {"num_stages": 2}, {"CHUNKS": 2}, {"BLOCK_M": 64, "num_warps": 4}),
+    ),
+)
+
+
+def _checked(run: Callable, ref, tol: float) -> Callable:
+    """``run`` whose first call compares its tensors with ``ref`` (the default configuration's)
+    and raises AssertionError on a mismatch: a configuration that computes something else is
+    recorded as an error row by ``tune`` and cannot win."""
+    state = {"checked": False}
+
+    def fn():
+        got = run()
+        if not state["checked"]:
+            for name, a, b in zip(("0", "1", "2", "3"), got, ref):
+                if b.numel() == 0:
+                    continue
+                err = (a.float() - b.float()).abs().max().item()
+                bound = tol * max(1.0, b.float().abs().max().item())
+                assert err <= bound, f"output {name}: max |diff| {err:.3g} > {bound:.3g}"
+            state["checked"] = True
+        return got
+
+    return fn
+
+
+def _sweep_window_attention(dev, dtype, tiny):
+    """(kernel, key, [(params, run, context)]) for window_attention3d's kernels at the BertsWin
+    shape (the context forces the params while the run is timed): the forward kernel timed by
+    the forward op, the backward kernels by the backward op (the others at their defaults). The
+    params recorded are the full launch configuration; every candidate's outputs are checked
+    against the default configuration's (``_checked``) before it is timed."""
+    from mae3d.kernels import window_attention as K
+
+    q, k, v, table, w, sh = _wattn_inputs(dev, dtype, tiny)
+    key = K.config_key(tuple(q.shape), q.dtype, w, sh)
+    scale = q.shape[-1] ** -0.5
+    qd, kd, vd, td = (t.detach() for t in (q, k, v, table))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+
+    def fwd():
+        return torch.ops.mae3d.window_attention3d(qd, kd, vd, td, list(w), list(sh), list(w), scale)
+
+    out, lse = fwd()
+    gy = torch.randn_like(out)
+
+    def bwd():
+        return torch.ops.mae3d.window_attention3d_backward(
+            gy, qd, kd, vd, out, lse, td, list(w), list(sh), list(w), scale
+        )
+
+    ref = {"fwd": (out, lse), "bwd": bwd()}  # at the configurations the launcher picks today
+    out_list = []
+    for kernel, candidates in _WATTN_CANDIDATES[: 1 if tiny else None]:
+        which = "fwd" if kernel.endswith("fwd_kernel") else "bwd"
+        runs = []
+        for extra in candidates:
+            params = {**K.launch_config(kernel, tuple(q.shape), q.dtype, q.device, w, sh), **extra}
+            run = _checked(fwd if which == "fwd" else bwd, ref[which], tol)
+            runs.append((params, run, _forced(kernel, params)))
+        out_list.append((kernel, key, runs))
+    return out_list
+
+
+SWEEPS: list[Callable] = [_sweep_masked_norm, _sweep_window_attention]
+
+
+def wattn(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int) -> None:
+    """Bias-read modes of window_attention3d, forward and forward + backward."""
+    q, k, v, table, win, sh = _wattn_inputs(dev, dtype, tiny)
+    gy = torch.randn_like(q)
+    case = "b1-2^3-w2-s1" if tiny else "bertswin-b2-s3"
+
+    def fwd():
+        return window_attention3d(q, k, v, win, sh, table)
+
+    def step():
+        return torch.autograd.grad(fwd(), (q, k, v, table), gy)
+
+    for mode in ("smem", "gather", "dense"):
+        before = os.environ.get("MAE3D_WATTN_BIAS")
+        os.environ["MAE3D_WATTN_BIAS"] = mode
+        try:
+            with _forced():
+                for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+                    w.row(
+                        "wattn",
+                        "window_attention3d",
+                        case,
+                        f"bias={mode}",
+                        f"{name}_p50_ms",
+                        _time_ms(fn, dev, reps),
+                        "ms",
+                    )
+        finally:
+            if before is None:
+                os.environ.pop("MAE3D_WATTN_BIAS", None)
+            else:
+                os.environ["MAE3D_WATTN_BIAS"] = before
 
 
 def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Path) -> None:
@@ -267,10 +430,11 @@ def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Pa
     for sweep in SWEEPS:
         for kernel, key, runs in sweep(dev, dtype, tiny):
             best = None
-            for params, run in runs:
+            for params, run, *context in runs:  # context: entered around the timing
                 variant = ",".join(f"{k}={v}" for k, v in params.items())
                 try:
-                    ms = _time_ms(run, dev, reps)
+                    with context[0] if context else contextlib.nullcontext():
+                        ms = _time_ms(run, dev, reps)
                 except Exception as e:  # a config that does not compile is skipped
                     w.row("tune", kernel, key, variant, "error", type(e).__name__, "")
                     continue
@@ -290,7 +454,7 @@ def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Pa
                 configs.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-QUESTIONS = ("profile", "graph", "tune")
+QUESTIONS = ("profile", "graph", "tune", "wattn")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             profile(w, dev, probs, max(2, a.reps // 4))
         if "graph" in a.questions:
             graph(w, dev, probs, a.reps)
+        if "wattn" in a.questions:
+            wattn(w, dev, dtype, a.tiny, a.reps)
         if "tune" in a.questions:
             tune(w, dev, dtype, a.tiny, a.reps, a.configs)
     return 0
