@@ -32,12 +32,17 @@ def _extensions():
         return [Extension("mae3d._C", [])], {"build_ext": _no_torch_build_ext(e)}
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # headers and textually included kernel bodies: listed so that sdists carry them
+    depends = sorted(
+        glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.inc", recursive=True)
+    )
     # -fopenmp: with torch's OpenMP backend at::parallel_for is inline and runs serially without it
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-DNDEBUG"]
     link = ["-fopenmp"]
     ext = ce.CppExtension(
         "mae3d._C",
         sources,
+        depends=depends,
         include_dirs=[os.path.join(ROOT, "csrc")],
         extra_compile_args={"cxx": cxx},
         extra_link_args=link,

@@ -8,9 +8,10 @@ scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
             host overhead would give.
   tune      autotune sweeps of launch parameters; the winner of each (kernel, problem key) goes to
             --configs as a ``kernels/configs/<gpu>.json`` file (see ``mae3d.kernels.tuning``),
-            to be committed under the GPU's name. Today: the masked-norm forward
-            kernels (BLOCK_S x num_warps), the four window-attention kernels at the BertsWin
-            shape (tiles, blocks per program, chunks; ``_sweep_window_attention``); kernel
+            to be committed under the GPU's name. Today: the masked-norm kernels of a
+            fwd+bwd step (num_warps; ``_sweep_masked_norm``), the four window-attention kernels
+            at the BertsWin shape (tiles, blocks per program, chunks;
+            ``_sweep_window_attention``); kernel
             issues add their sweeps to ``SWEEPS``.
   wattn     window_attention3d's design rows at the BertsWin shape (b2, shift 3): the bias read
             from a shared-memory staged column (default) vs in place (gather) vs dense padded
@@ -215,50 +216,68 @@ def graph(w: Writer, dev: torch.device, probs, reps: int) -> None:
             w.row("graph", op, case, "cuda_graph", "error", type(e).__name__, "")
 
 
-def _sweep_masked_norm(dev, dtype, tiny):
-    """(kernel, key, [(params, run)]) for the masked-norm forward kernel."""
-    from mae3d.kernels import masked_norm as K
+class _forced_norm:
+    """Inside the block, masked_norm's launcher launches ``kernel`` with ``params`` merged into its
+    launch options (``kernels/masked_norm.py``'s ``_run``; the cached launch plans stay as they
+    are). Warps and vectors per tile (NV) are free parameters of every masked-norm kernel: its
+    loops run to the chunk or group end, whatever the tile."""
 
+    def __init__(self, kernel: str | None = None, params: dict | None = None, seen=None):
+        from mae3d.kernels import masked_norm as K
+
+        self.K, self.kernel, self.params, self.seen = K, kernel, params or {}, seen
+
+    def __enter__(self):
+        original = self.original = self.K._run
+
+        def run(kernel, grid, x, args, meta):
+            name = kernel.fn.__name__
+            if name == self.kernel:
+                meta = {**meta, **self.params}
+            if self.seen is not None:
+                self.seen.setdefault(name, meta)
+            return original(kernel, grid, x, args, meta)
+
+        self.K._run = run
+
+    def __exit__(self, *exc):
+        self.K._run = self.original
+
+
+def _sweep_masked_norm(dev, dtype, tiny):
+    """(kernel, key, [(params, run, context)]) for every kernel of a masked-norm fwd+bwd step
+    (instance mode, affine + LeakyReLU, 3/4 of the voxels masked): at 160^3 the split path's
+    four kernels, at 10^3 the fused forward and backward; num_warps around each kernel's default
+    (issue 15 moved the backward's reduction kernels off 8 warps for spills: this measures it).
+    Every candidate's outputs are checked against the default configuration's."""
     shapes = [(1, 2, 4, 4, 4)] if tiny else [(2, 32, 160, 160, 160), (2, 320, 10, 10, 10)]
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
     out = []
     for shape in shapes:
         B, C, *sp = shape
-        x = torch.randn(shape, device=dev, dtype=dtype)
-        m = (torch.rand(B, int(torch.tensor(sp).prod()), device=dev) > 0.75).to(torch.uint8)
-        sc, sh = torch.ones(B, C, device=dev), torch.zeros(B, C, device=dev)
+        x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+        m = torch.rand(B, 1, *sp, device=dev) > 0.75
+        w = torch.ones(C, device=dev, requires_grad=True)
+        b = torch.zeros(C, device=dev, requires_grad=True)
+        gy = torch.randn_like(x)
+
+        def step(x=x, m=m, w=w, b=b, gy=gy):
+            y = masked_norm(x, m, w, b, negative_slope=0.01)
+            return (y.detach(), *torch.autograd.grad(y, (x, w, b), gy))
+
+        seen: dict[str, dict] = {}
+        with _forced_norm(seen=seen):
+            ref = step()  # at the configurations the launcher picks today
         key = f"{'x'.join(map(str, shape))}/{H.dtype_str(dtype)}/ncdhw"
-        base = K._config(x)
-        runs = []
-        for block_s in (512, 1024, 2048):
-            for warps in (4, 8):
-                cfg = dict(base, BLOCK_S=min(block_s, base["BLOCK_S"] * 8), num_warps=warps)
-                params = {"BLOCK_C": cfg["BLOCK_C"], "BLOCK_S": cfg["BLOCK_S"], "num_warps": warps}
-
-                def fwd(cfg=cfg, x=x, m=m, sc=sc, sh=sh, C=C):
-                    out = torch.empty_like(x)
-                    K._launch(
-                        K._masked_norm_fwd_kernel,
-                        cfg,
-                        x,
-                        m,
-                        sc,
-                        sh,
-                        out,
-                        C,
-                        cfg["S"],
-                        cfg["CHUNK_S"],
-                        0.01,
-                        0.0,
-                        *cfg["strides"],
-                        m.stride(0),
-                        *K._strides_bcs(out),
-                        HAS_SLOPE=True,
-                        ACC_DTYPE=K._acc(x)[1],
-                    )
-                    return out
-
-                runs.append((params, fwd))
-        out.append(("_masked_norm_fwd_kernel", key, runs))
+        for kernel, meta in list(seen.items())[: 1 if tiny else None]:
+            default = {"NV": meta["NV"], "num_warps": meta["num_warps"]}
+            others = [n for n in (4, 8, 16) if n != default["num_warps"]]
+            warps = [default["num_warps"], *others[: 1 if tiny else 2]]
+            runs = []
+            for n in warps:
+                params = {**default, "num_warps": n}
+                runs.append((params, _checked(step, ref, tol), _forced_norm(kernel, params)))
+            out.append((kernel, key, runs))
     return out
 
 

@@ -7,15 +7,20 @@
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mae3d C++ kernels";
-  m.def("masked_norm_stats_cpu", &mae3d::masked_norm_stats_cpu, py::arg("x"), py::arg("mask"));
-  m.def("masked_norm_fwd_cpu", &mae3d::masked_norm_fwd_cpu, py::arg("x"), py::arg("mask"),
-        py::arg("scale"), py::arg("shift"), py::arg("negative_slope"));
-  m.def("masked_norm_bwd_reduce_cpu", &mae3d::masked_norm_bwd_reduce_cpu, py::arg("grad_out"),
-        py::arg("x"), py::arg("mask"), py::arg("mean"), py::arg("rstd"), py::arg("scale"),
-        py::arg("shift"), py::arg("negative_slope"));
-  m.def("masked_norm_bwd_cpu", &mae3d::masked_norm_bwd_cpu, py::arg("grad_out"), py::arg("x"),
-        py::arg("mask"), py::arg("mean"), py::arg("rstd"), py::arg("scale"), py::arg("shift"),
-        py::arg("negative_slope"), py::arg("coef_a"), py::arg("coef_b"));
+  m.def("masked_norm_forward_cpu", &mae3d::masked_norm_forward_cpu, py::arg("x"), py::arg("mask"),
+        py::arg("weight"), py::arg("bias"), py::arg("running_mean"), py::arg("running_var"),
+        py::arg("instance"), py::arg("use_input_stats"), py::arg("eps"),
+        py::arg("negative_slope"), py::arg("momentum"), py::arg("partials") = py::none());
+  m.def("masked_norm_partials_cpu", &mae3d::masked_norm_partials_cpu, py::arg("x"),
+        py::arg("mask"));
+  m.def("masked_norm_backward_cpu", &mae3d::masked_norm_backward_cpu, py::arg("grad_out"),
+        py::arg("x"), py::arg("mask"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
+        py::arg("var"), py::arg("count"), py::arg("instance"), py::arg("use_input_stats"),
+        py::arg("eps"), py::arg("negative_slope"), py::arg("partials") = py::none(),
+        py::arg("rank") = 0);
+  m.def("masked_norm_bwd_partials_cpu", &mae3d::masked_norm_bwd_partials_cpu, py::arg("grad_out"),
+        py::arg("x"), py::arg("mask"), py::arg("weight"), py::arg("bias"), py::arg("mean"),
+        py::arg("var"), py::arg("eps"), py::arg("negative_slope"));
   m.def("window_attention3d_fwd_cpu", &mae3d::window_attention3d_fwd_cpu, py::arg("q"),
         py::arg("k"), py::arg("v"), py::arg("table"), py::arg("window"), py::arg("shift"),
         py::arg("bias_window"), py::arg("scale"));

@@ -84,8 +84,11 @@ def _norm_common(op, x, mask, weight, bias, mode, eps, slope) -> None:
     if tensor(op, "mask", mask, optional=True):
         bool_mask(op, "mask", mask)
         target = (B, 1, *x.shape[2:])
-        ok = mask.dim() <= 5 and all(
-            m == 1 or m == t for m, t in zip(reversed(mask.shape), reversed(target)))
+        ms = mask.shape
+        # the common (B, 1, D, H, W) / (1, 1, D, H, W) masks first: no per-dimension loop
+        ok = (len(ms) == 5 and ms[1] == 1 and ms[2:] == x.shape[2:] and (ms[0] == B or ms[0] == 1)
+              ) or (mask.dim() <= 5 and all(
+                  m == 1 or m == t for m, t in zip(reversed(ms), reversed(target))))
         if not ok:
             raise ValueError(f"{op}: mask of shape {tuple(mask.shape)} is not broadcastable to "
                              f"(B, 1, D, H, W) = {target}")

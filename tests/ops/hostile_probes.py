@@ -164,11 +164,13 @@ def mn_cpp(stage: str, **kw):
     m = kw.get("mask", torch.ones(2, 64, dtype=torch.uint8))
     gb = kw.get("group", r(2, 3))
     if stage == "stats":
-        return C.masked_norm_stats_cpu(x, m)
+        return C.masked_norm_forward_cpu(x, m, None, None, None, None, True, True, 1e-5, None, 0.0)
     if stage == "fwd":
-        return C.masked_norm_fwd_cpu(x, m, gb, r(2, 3), None)
+        return C.masked_norm_forward_cpu(x, m, r(3), r(2), None, None, True, True, 1e-5, None,
+                                         0.0)
     g = kw.get("grad_out", r(2, 3, 4, 4, 4))
-    return C.masked_norm_bwd_cpu(g, x, m, gb, r(2, 3), r(2, 3), r(2, 3), None, r(2, 3), r(2, 3))
+    return C.masked_norm_backward_cpu(g, x, m, None, None, gb, r(2, 3).abs(), r(2, 3).abs(),
+                                      True, True, 1e-5, None)
 
 
 bad("masked_norm_cpp/mask-size", "mask", lambda: mn_cpp("stats", mask=torch.ones(2, 63,
@@ -177,7 +179,7 @@ bad("masked_norm_cpp/mask-size", "mask", lambda: mn_cpp("stats", mask=torch.ones
 bad("masked_norm_cpp/x-meta", "x", lambda: mn_cpp("stats", x=meta(r(2, 3, 4, 4, 4))), True)
 bad("masked_norm_cpp/x-int", "x", lambda: mn_cpp("stats", x=torch.ones(2, 3, 4, 4, 4,
                                                                         dtype=torch.int64)), True)
-bad("masked_norm_cpp/scale-shape", "scale", lambda: mn_cpp("fwd", group=r(3)), True)
+bad("masked_norm_cpp/bias-shape", "bias", lambda: mn_cpp("fwd"), True)
 bad("masked_norm_cpp/mean-dtype", "mean", lambda: mn_cpp("bwd", group=r(2, 3, dtype=torch.float64)),
     True)
 bad("masked_norm_cpp/grad-shape", "grad_out", lambda: mn_cpp("bwd", grad_out=r(2, 3, 4, 4, 2)),
