@@ -98,9 +98,11 @@ def _sparse_conv3d_backward_op(
     Only active outputs contribute; grad_x is nonzero on what they read (active blocks + halo)."""
     _checks.sparse_conv3d_backward(grad_out, x, weight, block_mask, block_size, stride, padding,
                                    has_bias, needs_grad_x)
-    return BACKENDS.backward(x.device.type).bwd(grad_out.contiguous(), x, weight, block_mask,
-                                                block_size, stride, padding, has_bias,
-                                                needs_grad_x)
+    # grad_out keeps its layout (a channels-last gradient is not copied to NCDHW; every backend
+    # takes either, the Triton kernels read channels-last natively).
+    g = grad_out.contiguous(memory_format=memory_format(grad_out))
+    return BACKENDS.backward(x.device.type).bwd(g, x, weight, block_mask, block_size, stride,
+                                                padding, has_bias, needs_grad_x)
 
 
 @_sparse_conv3d_backward_op.register_fake

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from mae3d_testing import no_tf32
 from test_sparse_conv import assert_matches, make_case
 
 from mae3d.masking import upsample_block_mask
@@ -252,3 +253,38 @@ def test_triton_launcher_shapes_without_work(triton_device):
         assert y.shape == (B, 4, 8, 8, 8) and gx.shape == x.shape and gw.shape == w.shape
         if B:
             assert (y == 0).all() and (gx == 0).all() and (gw == 0).all() and (gb == 0).all()
+
+
+def test_triton_channels_last_end_to_end_copies_nothing(triton_device, monkeypatch):
+    """A channels-last x and a channels-last upstream gradient reach the kernels as they are (no
+    layout copy in the op nor in the launchers); outputs and input gradients come back
+    channels-last and match the reference."""
+    from mae3d.kernels import sparse_conv as K
+
+    copies = []
+    real = K._ndhwc
+
+    def spy(t):
+        out = real(t)
+        if out is not t:
+            copies.append(tuple(t.shape))
+        return out
+
+    monkeypatch.setattr(K, "_ndhwc", spy)
+    case = make_case((2, 16, 8, 8, 8), 16, 3, 8, 0.5, torch.float32, seed=11)
+    dev = triton_device
+    x = case["x"].float().to(dev).contiguous(memory_format=CL).requires_grad_(True)
+    w = case["weight"].float().to(dev).requires_grad_(True)
+    m = case["block_mask"].to(dev)
+    with use_backend("triton"), no_tf32():
+        y = sparse_conv3d(x, w, None, m, 8, 2)
+        gy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(dev)
+        gx, gw = torch.autograd.grad(y, (x, w), gy.contiguous(memory_format=CL))
+    assert copies == []
+    assert y.is_contiguous(memory_format=CL) and gx.is_contiguous(memory_format=CL)
+    xr, wr = (t.detach().cpu().double().requires_grad_(True) for t in (x, w))
+    yr = sparse_conv3d_reference(xr, wr, None, m.cpu(), 8, 2)
+    gxr, gwr = torch.autograd.grad(yr, (xr, wr), gy.cpu().double())
+    for got, want in ((y, yr), (gx, gxr), (gw, gwr)):
+        torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=1e-4,
+                                   rtol=1e-4)
