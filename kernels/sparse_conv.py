@@ -58,137 +58,32 @@ above the issue-16 targets (~60 effective TFLOP/s for 32->32 fwd+bwd at 2.5x cuD
 it (bench/gpu_design.py, question ``sparse_conv``).
 """
 
-import contextlib
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from mae3d._geometry import conv_output_size, output_block_size
+from mae3d._geometry import conv_output_size
 
 from ._checks import require, tensor_like
+from .sparse_conv_tiles import (
+    BRICK,
+    _brick_rows,
+    _Geometry,
+    _guard,
+    _is_active,
+    _mask_u8,
+    _neighbour_bits,
+    _tap_bits,
+    _tile_list,
+    _tile_rows,
+)
 
 _OCCUPANCY = 2  # persistent programs per SM (a second program hides one's prologue/epilogue)
 _STAGES = 3  # cp.async pipeline depth of the tap loop (1: no cp.async, L1-cached loads)
 _WGRAD_PROGRAMS = 1024  # upper bound on wgrad's (chunk x tap group x n block) programs
 _SMS_META = 132  # an H100's SMs: the grid the static report compiles for (meta tensors)
-
-
-# ----------------------------------------------------------------------------------------------
-# Helpers (jit)
-
-
-@triton.jit
-def _tile_rows(tile, nTd, nTh, nTw, CLS: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr,
-               TW: tl.constexpr):
-    """Sample, parity class (pd, ph, pw) and lattice coordinates (jd, jh, jw) of the TD*TH*TW
-    rows of tile ``tile``; tile ids are row-major over (b, CLS * nTd, CLS * nTh, CLS * nTw) with
-    the class as the high digit of each axis (CLS = 1: no classes)."""
-    tw = tile % (CLS * nTw)
-    r = tile // (CLS * nTw)
-    th = r % (CLS * nTh)
-    r = r // (CLS * nTh)
-    td = r % (CLS * nTd)
-    b = r // (CLS * nTd)
-    m = tl.arange(0, TD * TH * TW)
-    jd = (td % nTd) * TD + m // (TH * TW)
-    jh = (th % nTh) * TH + (m // TW) % TH
-    jw = (tw % nTw) * TW + m % TW
-    return b, td // nTd, th // nTh, tw // nTw, jd, jh, jw
-
-
-@triton.jit
-def _is_active(mask_ptr, b, d, h, w, ok, gD, gH, gW, BO: tl.constexpr):
-    """Whether voxels (d, h, w) of sample b lie in an active cell of edge BO (index clamped to
-    the grid: voxels past the last cell belong to it); BO = 0: every voxel is active."""
-    if BO == 0:
-        return ok
-    bd = tl.minimum(d // BO, gD - 1)
-    bh = tl.minimum(h // BO, gH - 1)
-    bw = tl.minimum(w // BO, gW - 1)
-    cell = ((b.to(tl.int64) * gD + bd) * gH + bh) * gW + bw
-    return ok & (tl.load(mask_ptr + cell, mask=ok, other=0) != 0)
-
-
-@triton.jit
-def _neighbour_bits(mask_ptr, b, cd, ch, cw, gD, gH, gW):
-    """27-bit word: bit (dd + 1) * 9 + (dh + 1) * 3 + (dw + 1) = cell (cd + dd, ch + dh, cw + dw)
-    is active, indices clamped to the grid (voxels past the last cell belong to it; rows that
-    would read before the first are out of bounds anyway)."""
-    q = tl.arange(0, 32)
-    nd = tl.minimum(tl.maximum(cd + q // 9 - 1, 0), gD - 1)
-    nh = tl.minimum(tl.maximum(ch + (q // 3) % 3 - 1, 0), gH - 1)
-    nw = tl.minimum(tl.maximum(cw + q % 3 - 1, 0), gW - 1)
-    cell = ((b.to(tl.int64) * gD + nd) * gH + nh) * gW + nw
-    v = tl.load(mask_ptr + cell, mask=q < 27, other=0) != 0
-    return tl.sum(tl.where(v, 1, 0) << q, axis=0)
-
-
-@triton.jit
-def _axis_cells(t, nT, T: tl.constexpr, E, Eo, BCELL: tl.constexpr, g,
-                CLS: tl.constexpr, KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr,
-                MODE: tl.constexpr):
-    """Along one axis, for tile index ``t`` (class-major): the first and last cell the tile's
-    rows touch (MODE 0: their own output voxels; 1: the output voxels dgrad reads for them; 2:
-    their own input voxels) and whether that voxel range is empty."""
-    p = t // nT
-    lo = (t % nT) * T
-    if MODE == 0:
-        hi = tl.minimum(lo + T, Eo) - 1
-        empty = lo > hi
-    else:
-        ej = (E - p + CLS - 1) // CLS  # rows of class p: input voxels i = CLS * j + p < E
-        hi = tl.minimum(lo + T, ej) - 1
-        empty = lo > hi
-        if MODE == 1:
-            k0 = (p + PAD) % STRIDE
-            k1 = k0 + STRIDE * ((KS - 1 - k0) // STRIDE)
-            lo = tl.maximum(lo + (p + PAD - k1) // STRIDE, 0)
-            hi = tl.minimum(hi + (p + PAD - k0) // STRIDE, Eo - 1)
-            empty = empty | (k0 >= KS) | (lo > hi)  # no tap of this class / reads past Eo
-        else:
-            lo = CLS * lo + p
-            hi = CLS * hi + p
-    if BCELL == 0:
-        return lo, hi, empty
-    return tl.minimum(lo // BCELL, g - 1), tl.minimum(tl.maximum(hi, 0) // BCELL, g - 1), empty
-
-
-@triton.jit
-def _sparse_conv3d_tiles_kernel(
-    mask_ptr, flags_ptr, n_tiles, gD, gH, gW, nTd, nTh, nTw, D, H, W, Do, Ho, Wo,
-    KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, CLS: tl.constexpr,
-    MODE: tl.constexpr, BCELL: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr,
-    TW: tl.constexpr, SPAN_D: tl.constexpr, SPAN_H: tl.constexpr, SPAN_W: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    """flags[tile] = 1 when the tile has work: an active cell among those its rows touch (see
-    ``_axis_cells``; at most SPAN cells per axis)."""
-    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = t < n_tiles
-    tw = t % (CLS * nTw)
-    r = t // (CLS * nTw)
-    th = r % (CLS * nTh)
-    r = r // (CLS * nTh)
-    td = r % (CLS * nTd)
-    b = r // (CLS * nTd)
-    d0, d1, ed = _axis_cells(td, nTd, TD, D, Do, BCELL, gD, CLS, KS, STRIDE, PAD, MODE)
-    h0, h1, eh = _axis_cells(th, nTh, TH, H, Ho, BCELL, gH, CLS, KS, STRIDE, PAD, MODE)
-    w0, w1, ew = _axis_cells(tw, nTw, TW, W, Wo, BCELL, gW, CLS, KS, STRIDE, PAD, MODE)
-    ok = ok & ~(ed | eh | ew)
-    if BCELL == 0:
-        flag = ok
-    else:
-        flag = tl.zeros([BLOCK], dtype=tl.int1)
-        for sd in tl.static_range(SPAN_D):
-            for sh in tl.static_range(SPAN_H):
-                for sw in tl.static_range(SPAN_W):
-                    cd, ch, cw = d0 + sd, h0 + sh, w0 + sw
-                    there = ok & (cd <= d1) & (ch <= h1) & (cw <= w1)
-                    cell = ((b.to(tl.int64) * gD + cd) * gH + ch) * gW + cw
-                    flag = flag | (tl.load(mask_ptr + cell, mask=there, other=0) != 0)
-    tl.store(flags_ptr + t, flag.to(tl.uint8), mask=t < n_tiles)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -231,6 +126,7 @@ def _sparse_conv3d_fwd_kernel(
         bw = ow * STRIDE - PAD
         x_rows = (x_ptr + b.to(tl.int64) * stride_x_b + bd.to(tl.int64) * stride_x_d
                   + bh.to(tl.int64) * stride_x_h + bw.to(tl.int64) * stride_x_w)
+        taps_ok = tl.where(act, _tap_bits(bd, bh, bw, D, H, W, KS, False), 0)
         acc = tl.zeros([TD * TH * TW, BLOCK_N], dtype=ACC_DTYPE)
         for it in tl.range(0, KK * NCS, num_stages=STAGES):
             tap = it // NCS
@@ -238,8 +134,7 @@ def _sparse_conv3d_fwd_kernel(
             kd = tap // (KS * KS)
             kh = (tap // KS) % KS
             kw = tap % KS
-            ok = (act & (bd + kd >= 0) & (bd + kd < D) & (bh + kh >= 0) & (bh + kh < H)
-                  & (bw + kw >= 0) & (bw + kw < W))
+            ok = ((taps_ok >> tap) & 1) != 0
             tap_off = (kd.to(tl.int64) * stride_x_d + kh.to(tl.int64) * stride_x_h
                        + kw.to(tl.int64) * stride_x_w)
             a_ptrs = x_rows[:, None] + tap_off + c[None, :] * stride_x_c
@@ -280,9 +175,11 @@ def _sparse_conv3d_fwd_kernel(
 
 @triton.jit
 def _store_rows(ptr, val, b, d, h, w, n, row_ok, n_ok, s_b, s_d, s_h, s_w, s_c):
-    p = (ptr + b.to(tl.int64) * s_b + d.to(tl.int64)[:, None] * s_d
-         + h.to(tl.int64)[:, None] * s_h + w.to(tl.int64)[:, None] * s_w
-         + n.to(tl.int64)[None, :] * s_c)
+    """Rows (b, d, h, w) x channels n of val into a 5-D tensor of strides (s_b, s_d, s_h, s_w,
+    s_c); b is the tile's sample or one per row."""
+    rows = (b.to(tl.int64) * s_b + d.to(tl.int64) * s_d + h.to(tl.int64) * s_h
+            + w.to(tl.int64) * s_w)
+    p = ptr + rows[:, None] + n.to(tl.int64)[None, :] * s_c
     tl.store(p, val.to(ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
@@ -291,35 +188,68 @@ def _store_rows(ptr, val, b, d, h, w, n, row_ok, n_ok, s_b, s_d, s_h, s_w, s_c):
 
 
 @triton.jit
+def _dgrad_rows(tiles_ptr, first, limit, words_ptr, nTd, nTh, nTw, gD, gH, gW,
+                STRIDE: tl.constexpr, BO: tl.constexpr, BRICKS: tl.constexpr,
+                TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+    """The rows of dgrad work item ``first`` (a tile id; with BRICKS the list position of its
+    first brick, rows of list positions >= limit being none): sample, class, lattice coordinates
+    and, with BRICKS, each row's cell and its neighbour word."""
+    M: tl.constexpr = TD * TH * TW
+    if BRICKS:
+        q = first + tl.arange(0, M) // 8
+        ok = q < limit
+        b, jd, jh, jw = _brick_rows(tiles_ptr, q, ok, nTd, nTh, nTw, M)
+        pd, ph, pw = 0, 0, 0
+        cd = tl.minimum(jd // BO, gD - 1)
+        ch = tl.minimum(jh // BO, gH - 1)
+        cw = tl.minimum(jw // BO, gW - 1)
+        cell = ((b.to(tl.int64) * gD + cd) * gH + ch) * gW + cw
+        word = tl.load(words_ptr + cell, mask=ok, other=0)
+    else:
+        b, pd, ph, pw, jd, jh, jw = _tile_rows(first, nTd, nTh, nTw, STRIDE, TD, TH, TW)
+        ok = jd >= 0
+        cd, ch, cw, word = 0, 0, 0, 0
+    return b, pd, ph, pw, jd, jh, jw, ok, cd, ch, cw, word
+
+
+@triton.jit
 def _sparse_conv3d_dgrad_kernel(
-    g_ptr, w_ptr, mask_ptr, tiles_ptr, count_ptr, gx_ptr,
+    g_ptr, w_ptr, mask_ptr, tiles_ptr, count_ptr, words_ptr, gx_ptr,
     Cin, Cout, D, H, W, Do, Ho, Wo, gD, gH, gW, nTd, nTh, nTw, n_tiles,
     stride_g_b, stride_g_d, stride_g_h, stride_g_w, stride_g_c,
     stride_gx_b, stride_gx_d, stride_gx_h, stride_gx_w, stride_gx_c,
     KS: tl.constexpr, STRIDE: tl.constexpr, PAD: tl.constexpr, BO: tl.constexpr,
     BS: tl.constexpr, ALIGNED: tl.constexpr, ALL_TILES: tl.constexpr, ACTIVE_ONLY: tl.constexpr,
-    TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+    BRICKS: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
     BLOCK_K: tl.constexpr, NCS: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr,
     EVEN_N: tl.constexpr, STAGES: tl.constexpr, ACC_DTYPE: tl.constexpr,
     DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    """Rows: input voxels i = STRIDE * j + p of one parity class p; K: (tap of the class, Cout
-    slice); N: a block of Cin. grad_x[i] = sum over taps k with (p + PAD - k) % STRIDE == 0 of
+    """Rows: input voxels i = STRIDE * j + p of one parity class p (a tile), or, with BRICKS
+    (stride 1), 16 bricks of 2 x 2 x 2 voxels from the list (the halo of active blocks is
+    computed at brick, not tile, granularity); K: (tap of the class, Cout slice); N: a block of
+    Cin. grad_x[i] = sum over taps k with (p + PAD - k) % STRIDE == 0 of
     grad_out[j + (p + PAD - k) / STRIDE] @ W[k]^T, over active outputs only."""
     pid = tl.program_id(0)
     nprog = tl.num_programs(0)
+    M: tl.constexpr = TD * TH * TW
+    PER: tl.constexpr = M // 8 if BRICKS else 1  # list entries per work item
     NB = tl.cdiv(Cin, BLOCK_N)
     count = n_tiles if ALL_TILES else tl.load(count_ptr)
     kk = tl.arange(0, BLOCK_K)
-    for item in range(pid, count * NB, nprog):
-        tile = item // NB if ALL_TILES else tl.load(tiles_ptr + item // NB)
+    for item in range(pid, tl.cdiv(count, PER) * NB, nprog):
+        first = (item // NB) * PER
+        if not ALL_TILES and not BRICKS:
+            first = tl.load(tiles_ptr + first)
         c = (item % NB) * BLOCK_N + tl.arange(0, BLOCK_N)
         c_ok = c < Cin
-        b, pd, ph, pw, jd, jh, jw = _tile_rows(tile, nTd, nTh, nTw, STRIDE, TD, TH, TW)
+        b, pd, ph, pw, jd, jh, jw, listed, cd, ch, cw, nbits = _dgrad_rows(
+            tiles_ptr, first, count, words_ptr, nTd, nTh, nTw, gD, gH, gW, STRIDE, BO, BRICKS,
+            TD, TH, TW)
         i_d = jd * STRIDE + pd
         i_h = jh * STRIDE + ph
         i_w = jw * STRIDE + pw
-        inb = (i_d < D) & (i_h < H) & (i_w < W)
+        inb = listed & (i_d < D) & (i_h < H) & (i_w < W)
         rows = inb
         if ACTIVE_ONLY and not ALIGNED:
             # only the voxels of active input blocks get a gradient (the others are stored as 0)
@@ -336,16 +266,29 @@ def _sparse_conv3d_dgrad_kernel(
             nkd = (KS - k0d + STRIDE - 1) // STRIDE
             nkh = (KS - k0h + STRIDE - 1) // STRIDE
             nkw = (KS - k0w + STRIDE - 1) // STRIDE
-        if ALIGNED:
+        if ALIGNED and not BRICKS:
             # The tile lies in one cell of the (output-resolution) grid; each tap reads the
             # cell or a neighbour of it: one 27-bit word per tile instead of a mask load per
-            # row and tap.
+            # row and tap (bricks carry one word per row).
             cd = tl.minimum((tl.min(jd, axis=0)) // BO, gD - 1)
             ch = tl.minimum((tl.min(jh, axis=0)) // BO, gH - 1)
             cw = tl.minimum((tl.min(jw, axis=0)) // BO, gW - 1)
             nbits = _neighbour_bits(mask_ptr, b, cd, ch, cw, gD, gH, gW)
-        g_b = g_ptr + b.to(tl.int64) * stride_g_b
-        acc = tl.zeros([TD * TH * TW, BLOCK_N], dtype=ACC_DTYPE)
+        # row addresses at offset 0; each tap adds a uniform offset (the class's (p + PAD - k) /
+        # STRIDE along each axis)
+        g_rows = (g_ptr + b.to(tl.int64) * stride_g_b + jd.to(tl.int64) * stride_g_d
+                  + jh.to(tl.int64) * stride_g_h + jw.to(tl.int64) * stride_g_w)
+        if STRIDE == 1:  # output voxel o = j + PAD - k: bounds of every tap, once per tile
+            taps_ok = tl.where(rows, _tap_bits(jd + PAD, jh + PAD, jw + PAD, Do, Ho, Wo, KS,
+                                               True), 0)
+        if ALIGNED:
+            # each row's position in its cell, + BO: a tap's neighbour cell along an axis is
+            # (u + offset) // BO - 1 in -1..1 (|offset| <= 2 <= BO; rows past the last cell and
+            # the clamped grid edge are folded into the neighbour word)
+            ud = jd - cd * BO + BO
+            uh = jh - ch * BO + BO
+            uw = jw - cw * BO + BO
+        acc = tl.zeros([M, BLOCK_N], dtype=ACC_DTYPE)
         for it in tl.range(0, nkd * nkh * nkw * NCS, num_stages=STAGES):
             t = it // NCS
             n = (it % NCS) * BLOCK_K + kk
@@ -360,24 +303,26 @@ def _sparse_conv3d_dgrad_kernel(
                 kh = k0h + STRIDE * ((t >> sw) & (nkh - 1))
                 kw = k0w + STRIDE * (t & (nkw - 1))
             # exact divisions: (p + PAD - k) is a multiple of STRIDE
-            od = jd + (pd + PAD - kd) // STRIDE
-            oh = jh + (ph + PAD - kh) // STRIDE
-            ow = jw + (pw + PAD - kw) // STRIDE
-            ok = rows & (od >= 0) & (od < Do) & (oh >= 0) & (oh < Ho) & (ow >= 0) & (ow < Wo)
+            fd = (pd + PAD - kd) // STRIDE
+            fh = (ph + PAD - kh) // STRIDE
+            fw = (pw + PAD - kw) // STRIDE
+            tap = (kd * KS + kh) * KS + kw
+            if STRIDE == 1:
+                ok = ((taps_ok >> tap) & 1) != 0
+            else:
+                od, oh, ow = jd + fd, jh + fh, jw + fw
+                ok = (rows & (od >= 0) & (od < Do) & (oh >= 0) & (oh < Ho) & (ow >= 0)
+                      & (ow < Wo))
             # An upstream gradient at an inactive output is read as 0: it does not flow.
             if BO != 0:
                 if ALIGNED:
-                    # in -1..1 (|offset| <= 2 <= BO); clamped at 0 so that rows out of bounds
-                    # (masked anyway) never shift by a negative amount
-                    nd = tl.minimum(tl.maximum(od, 0) // BO, gD - 1) - cd
-                    nh = tl.minimum(tl.maximum(oh, 0) // BO, gH - 1) - ch
-                    nw = tl.minimum(tl.maximum(ow, 0) // BO, gW - 1) - cw
-                    ok = ok & (((nbits >> ((nd + 1) * 9 + (nh + 1) * 3 + nw + 1)) & 1) != 0)
+                    nb = ((ud + fd) // BO) * 9 + ((uh + fh) // BO) * 3 + (uw + fw) // BO
+                    ok = ok & (((nbits >> nb) & 1) != 0)
                 else:
-                    ok = _is_active(mask_ptr, b, od, oh, ow, ok, gD, gH, gW, BO)
-            a_ptrs = (g_b + (od.to(tl.int64) * stride_g_d + oh.to(tl.int64) * stride_g_h
-                             + ow.to(tl.int64) * stride_g_w)[:, None] + n[None, :] * stride_g_c)
-            tap = (kd * KS + kh) * KS + kw
+                    ok = _is_active(mask_ptr, b, jd + fd, jh + fh, jw + fw, ok, gD, gH, gW, BO)
+            g_off = (fd.to(tl.int64) * stride_g_d + fh.to(tl.int64) * stride_g_h
+                     + fw.to(tl.int64) * stride_g_w)
+            a_ptrs = g_rows[:, None] + g_off + n[None, :] * stride_g_c
             w_ptrs = w_ptr + (tap * Cin + c[None, :]).to(tl.int64) * Cout + n[:, None]
             if EVEN_K:
                 a = tl.load(a_ptrs, mask=ok[:, None], other=0.0)
@@ -394,17 +339,20 @@ def _sparse_conv3d_dgrad_kernel(
             acc = tl.dot(a, wv, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         _store_rows(gx_ptr, acc, b, i_d, i_h, i_w, c, inb, c_ok, stride_gx_b, stride_gx_d,
                     stride_gx_h, stride_gx_w, stride_gx_c)
-    if not ALL_TILES:
-        for z in range(pid, (n_tiles - count) * NB, nprog):
-            item = count * NB + z
-            tile = tl.load(tiles_ptr + item // NB)
-            c = (item % NB) * BLOCK_N + tl.arange(0, BLOCK_N)
-            b, pd, ph, pw, jd, jh, jw = _tile_rows(tile, nTd, nTh, nTw, STRIDE, TD, TH, TW)
+    if not ALL_TILES:  # the rest of the list: zeros (each element of grad_x is written once)
+        for z in range(pid, tl.cdiv(n_tiles - count, PER) * NB, nprog):
+            first = count + (z // NB) * PER
+            if not BRICKS:
+                first = tl.load(tiles_ptr + first)
+            c = (z % NB) * BLOCK_N + tl.arange(0, BLOCK_N)
+            b, pd, ph, pw, jd, jh, jw, listed, _cd, _ch, _cw, _w = _dgrad_rows(
+                tiles_ptr, first, n_tiles, words_ptr, nTd, nTh, nTw, gD, gH, gW, STRIDE, BO,
+                BRICKS, TD, TH, TW)
             i_d = jd * STRIDE + pd
             i_h = jh * STRIDE + ph
             i_w = jw * STRIDE + pw
-            inb = (i_d < D) & (i_h < H) & (i_w < W)
-            zero = tl.zeros([TD * TH * TW, BLOCK_N], dtype=ACC_DTYPE)
+            inb = listed & (i_d < D) & (i_h < H) & (i_w < W)
+            zero = tl.zeros([M, BLOCK_N], dtype=ACC_DTYPE)
             _store_rows(gx_ptr, zero, b, i_d, i_h, i_w, c, inb, c < Cin, stride_gx_b,
                         stride_gx_d, stride_gx_h, stride_gx_w, stride_gx_c)
 
@@ -445,7 +393,8 @@ def _sparse_conv3d_wgrad_kernel(
         kd = q // (KS * KS)
         kh = (q // KS) % KS
         kw = q % KS
-        tap_off = kd * stride_x_d + kh * stride_x_h + kw * stride_x_w
+        tap_off = (kd.to(tl.int64) * stride_x_d + kh.to(tl.int64) * stride_x_h
+                   + kw.to(tl.int64) * stride_x_w)
         acc = tl.zeros([M, BLOCK_N], dtype=ACC_DTYPE)
         for t in tl.range(start, end, num_stages=STAGES):
             tile = t if ALL_TILES else tl.load(tiles_ptr + t)
@@ -458,13 +407,11 @@ def _sparse_conv3d_wgrad_kernel(
             bd = od * STRIDE - PAD
             bh = oh * STRIDE - PAD
             bw = ow * STRIDE - PAD
-            # (row, tap) validity on a [rows, TAPS] tensor, broadcast over the channels by the
-            # load's mask: no per-element bounds arithmetic on the stacked operand.
-            id_ = bd[:, None] + kd[None, :]
-            ih = bh[:, None] + kh[None, :]
-            iw = bw[:, None] + kw[None, :]
-            ok = (act[:, None] & q_ok[None, :] & (id_ >= 0) & (id_ < D) & (ih >= 0) & (ih < H)
-                  & (iw >= 0) & (iw < W))
+            # (row, tap) validity on a [rows, TAPS] tensor from each row's in-bounds tap word,
+            # broadcast over the channels by the load's mask: no per-element bounds arithmetic
+            # on the stacked operand.
+            taps_ok = tl.where(act, _tap_bits(bd, bh, bw, D, H, W, KS, False), 0)
+            ok = (((taps_ok[:, None] >> q[None, :]) & 1) != 0) & q_ok[None, :]
             b64 = b.to(tl.int64)
             x_rows = (b64 * stride_x_b + bd.to(tl.int64) * stride_x_d
                       + bh.to(tl.int64) * stride_x_h + bw.to(tl.int64) * stride_x_w)
@@ -510,19 +457,6 @@ def _sparse_conv3d_wgrad_kernel(
 # Launchers (the op validates user input; ``_check`` is a second line for direct calls)
 
 
-def _tile_shape(bo):
-    """Rows per tile: 4 x 4 x 8 = 128 for cells of 8k voxels (the 16^3 / 8^3 MAE blocks of the
-    first ResEnc stages) and dense convs, 4 x 4 x 4 = 64 otherwise; tiles lie inside one cell
-    when the cell edge is a multiple of the tile edges (``ALIGNED``)."""
-    if bo is None or bo % 8 == 0:
-        return (4, 4, 8)
-    return (4, 4, 4)
-
-
-def _aligned(bo, tile):
-    return bo is not None and all(bo % t == 0 for t in tile)
-
-
 def _pick_block(c, hi):
     """A power-of-two channel block (16 .. hi) that pads ``c`` by at most 1/8 (e.g. 320 -> 64)."""
     for blk in (128, 64, 32, 16):
@@ -543,11 +477,6 @@ def _dtypes(x):
     # fp32 follows the dense conv's policy: TF32 tensor cores when cuDNN may use them.
     tf32 = x.dtype != torch.float32 or (x.is_cuda and torch.backends.cudnn.allow_tf32)
     return tl.float32, "tf32" if tf32 else "ieee", False
-
-
-def _guard(t):
-    # Triton launches on the current CUDA device, which need not be the tensors' device.
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def _programs(device, items):
@@ -618,63 +547,6 @@ def _check(x, weight, bias, block_mask, block_size, stride, padding, grad_out=No
                     x.device)
 
 
-class _Geometry:
-    """Sizes of one call: input / output extents, the cell grid, the output cell edge ``bo``
-    (None: dense output), the tile shape and whether tiles lie in single cells."""
-
-    def __init__(self, x, weight, block_mask, block_size, stride, padding):
-        self.B, self.cin = x.shape[:2]
-        self.cout, self.k = weight.shape[0], weight.shape[2]
-        self.stride, self.pad, self.bs = stride, padding, block_size
-        self.insp = tuple(x.shape[2:])
-        self.outsp = tuple(conv_output_size(s, self.k, stride, padding) for s in self.insp)
-        self.grid = tuple(block_mask.shape[1:])
-        self.bo = output_block_size(block_size, stride)
-        self.tile = _tile_shape(self.bo)
-        self.aligned = _aligned(self.bo, self.tile)
-        self.dense = self.bo is None
-
-    def n_tiles(self, extents, classes=1):
-        nT = [-(-e // t) for e, t in zip(extents, self.tile)]
-        return nT, self.B * classes**3 * math.prod(nT)
-
-
-def _spans(tile, bcell, mode, k, stride, padding, grid):
-    """Most cells a tile's touched voxel range spans per axis (see ``_axis_cells``)."""
-    if bcell == 0:
-        return (1, 1, 1)
-    out = []
-    for t, g in zip(tile, grid):
-        length = {0: t, 1: t + (k - 1) // stride, 2: stride * (t - 1) + 1}[mode]
-        out.append(min(g, (length - 1) // bcell + 2))
-    return tuple(out)
-
-
-def _tile_list(geo, mask, mode, extents, classes=1):
-    """(tiles int64 (n,), count int32 (), nT, n): every tile of the row lattice, those with work
-    first (stable), and how many have work; built on the device without a host sync."""
-    nT, n = geo.n_tiles(extents, classes)
-    dev = mask.device
-    flags = torch.empty(n, dtype=torch.uint8, device=dev)
-    if n:
-        bcell = geo.bs if mode == 2 else (geo.bo or 0)
-        spans = _spans(geo.tile, bcell, mode, geo.k, geo.stride, geo.pad, geo.grid)
-        block = 256
-        with _guard(mask):
-            _sparse_conv3d_tiles_kernel[(triton.cdiv(n, block),)](
-                mask, flags, n, *geo.grid, *nT, *geo.insp, *geo.outsp,
-                KS=geo.k, STRIDE=geo.stride, PAD=geo.pad, CLS=classes, MODE=mode, BCELL=bcell,
-                TD=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], SPAN_D=spans[0],
-                SPAN_H=spans[1], SPAN_W=spans[2], BLOCK=block, num_warps=4)
-    tiles = torch.sort(flags, descending=True, stable=True).indices
-    count = flags.sum(dtype=torch.int32)
-    return tiles, count, nT, n
-
-
-def _mask_u8(block_mask):
-    return block_mask if block_mask.dtype == torch.uint8 else block_mask.view(torch.uint8)
-
-
 def sparse_conv3d_fwd(x, weight, bias, block_mask, block_size, stride, padding):
     """(B, Cout, Do, Ho, Wo) like the op, in x's memory format."""
     _check(x, weight, bias, block_mask, block_size, stride, padding)
@@ -737,22 +609,30 @@ def _dgrad(geo, g, weight, mask, x, active_only, acc, prec, upcast):
     gx = _new(x.shape, x.dtype, x.device, _memory_format(x))
     # rows: the input voxels of each parity class on the output-resolution lattice
     lattice = tuple(-(-s // S) for s in geo.insp)
+    # Stride 1 with tiles inside cells: the work list is 2 x 2 x 2 bricks (whole active cells and
+    # the bricks of their halo that read an active output), each row carrying its cell's
+    # neighbour word; otherwise tiles (whose halo tiles are mostly rows that read nothing).
+    bricks = geo.aligned and S == 1 and not active_only
+    words = mask
     if geo.dense and not active_only:
         tiles, count, (nT, n) = mask, mask, geo.n_tiles(lattice, S)
+    elif bricks:
+        words = torch.empty(geo.B * math.prod(geo.grid), dtype=torch.int32, device=x.device)
+        tiles, count, nT, n = _tile_list(geo, mask, 1, lattice, 1, BRICK, words)
     else:
         tiles, count, nT, n = _tile_list(geo, mask, 2 if active_only else 1, lattice, S)
     w = _taps_major(weight, (1, 0))
     bk, bn = _pick_block(cout, 64), _pick_block(cin, 128)
-    items = n * triton.cdiv(cin, bn)
     m = math.prod(geo.tile)
+    items = (triton.cdiv(n, m // 8) if bricks else n) * triton.cdiv(cin, bn)
     # active_only on a dense output: rows are masked per voxel by the input blocks
     aligned = geo.aligned and not (active_only and geo.dense)
     with _guard(x):
         _sparse_conv3d_dgrad_kernel[(_programs(x.device, items),)](
-            g, w, mask, tiles, count, gx, cin, cout, *geo.insp, *geo.outsp, *geo.grid, *nT, n,
-            *_strides(g), *_strides(gx),
+            g, w, mask, tiles, count, words, gx, cin, cout, *geo.insp, *geo.outsp, *geo.grid, *nT,
+            n, *_strides(g), *_strides(gx),
             KS=k, STRIDE=S, PAD=geo.pad, BO=geo.bo or 0, BS=geo.bs, ALIGNED=aligned,
-            ALL_TILES=geo.dense and not active_only, ACTIVE_ONLY=active_only,
+            ALL_TILES=geo.dense and not active_only, ACTIVE_ONLY=active_only, BRICKS=bricks,
             TD=geo.tile[0], TH=geo.tile[1], TW=geo.tile[2], BLOCK_K=bk,
             NCS=triton.cdiv(cout, bk), BLOCK_N=bn, EVEN_K=cout % bk == 0, EVEN_N=cin % bn == 0,
             STAGES=_STAGES, ACC_DTYPE=acc, DOT_PRECISION=prec, UPCAST=upcast,
@@ -768,7 +648,9 @@ def _wgrad(geo, g, xc, weight, mask, has_bias, acc, prec, upcast, acc_t):
     else:
         tiles, count, nT, n = _tile_list(geo, mask, 0, geo.outsp)
     bc = _pick_block(cin, 128)
-    taps = max(1, 128 // bc)  # stacked taps: M = taps x bc >= 64 rows for wgmma
+    # stacked taps: M = taps x bc >= 64 rows for wgmma (128 for 16-bit operands; 64 for 32- and
+    # 64-bit ones, whose stacked operand goes through registers: 128 rows would spill)
+    taps = max(1, (128 if xc.element_size() == 2 else 64) // bc)
     ncb = triton.cdiv(cin, bc)
     ngq = triton.cdiv(kk, taps) * ncb
     bn = _pick_block(cout, 64)

@@ -9,12 +9,15 @@ Shapes are tiny: each interpreted launch runs its programs one after the other i
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 from mae3d_testing import no_tf32
 from test_sparse_conv import assert_matches, make_case
 
+from mae3d._geometry import output_voxel_mask
 from mae3d.masking import upsample_block_mask
 from mae3d.ops import use_backend
 from mae3d.ops.sparse_conv import sparse_conv3d
@@ -144,41 +147,46 @@ def test_triton_gradcheck_stride_and_kernel(triton_device, k, stride, block_size
             lambda x, w, b: sparse_conv3d(x, w, b, m, block_size, stride), inputs, fast_mode=True)
 
 
-@pytest.mark.parametrize(("stride", "k", "padding", "block_size", "mode"),
-                         [(1, 3, 1, 4, 0), (1, 3, 1, 4, 1), (2, 3, 1, 8, 1), (2, 3, 1, 8, 2),
-                          (1, 3, 1, 2, 1), (2, 2, 0, 4, 1), (2, 1, 0, 4, 1), (1, 3, 0, 3, 1),
-                          (2, 3, 1, 6, 2), (1, 2, 1, 4, 0)])
-def test_tile_list_flags_match_brute_force(triton_device, stride, k, padding, block_size, mode):
+@pytest.mark.parametrize(("stride", "k", "padding", "block_size", "mode", "bricks"),
+                         [(1, 3, 1, 4, 0, False), (1, 3, 1, 4, 1, False), (2, 3, 1, 8, 1, False),
+                          (2, 3, 1, 8, 2, False), (1, 3, 1, 2, 1, False), (2, 2, 0, 4, 1, False),
+                          (2, 1, 0, 4, 1, False), (1, 3, 0, 3, 1, False), (2, 3, 1, 6, 2, False),
+                          (1, 2, 1, 4, 0, False), (1, 3, 1, 4, 1, True), (1, 3, 0, 4, 1, True),
+                          (1, 2, 1, 8, 1, True)])
+def test_tile_list_flags_match_brute_force(triton_device, stride, k, padding, block_size, mode,
+                                           bricks):
     """The device tile list: flags computed per tile from the cells agree with the voxel-level
     definition (mode 0: the tile has an active output voxel; 1: dgrad rows of the tile read an
     active output; 2: the tile has a voxel of an active input block), active tiles first in
-    increasing order, and the device count."""
-    from mae3d.kernels import sparse_conv as K
+    increasing order, and the device count. Bricks: dgrad's 2 x 2 x 2 tiles, with the cells'
+    27-bit neighbour words written by the same launch."""
+    from mae3d.kernels import sparse_conv_tiles as T
 
     shape = (2, 1, 9, 8, 7)
     case = make_case(shape, 1, k, block_size, 0.5, torch.float64, seed=mode + k)
     x, w, m = case["x"], case["weight"], case["block_mask"]
-    geo = K._Geometry(x, w, m, block_size, stride, padding)
+    geo = T._Geometry(x, w, m, block_size, stride, padding)
     S = stride
     if mode == 0:
         classes, extents = 1, geo.outsp
-        want_vox = K_output_voxels(m, block_size, stride, geo.outsp)  # (B, Do, Ho, Wo)
+        want_vox = output_voxel_mask(m, block_size, stride, geo.outsp)[:, 0]
     else:
         classes, extents = S, tuple(-(-s // S) for s in geo.insp)
         if mode == 1:  # input voxels whose gradient reads an active output
             ones = torch.ones(1, 1, k, k, k, dtype=torch.float64)
-            vox = K_output_voxels(m, block_size, stride, geo.outsp)[:, None].double()
+            vox = output_voxel_mask(m, block_size, stride, geo.outsp).double()
             rec = [(o - 1) * S - 2 * padding + k for o in geo.outsp]
             want_vox = F.conv_transpose3d(vox, ones, stride=S, padding=padding,
                                           output_padding=[s - r for s, r in zip(geo.insp, rec)])
             want_vox = want_vox[:, 0] > 0
         else:
             want_vox = upsample_block_mask(m, block_size, geo.insp)[:, 0]
-    tiles, count, nT, n = K._tile_list(geo, K._mask_u8(m.to(triton_device)), mode, extents,
-                                       classes)
+    tile = T.BRICK if bricks else geo.tile
+    words = torch.full((m.numel(),), -1, dtype=torch.int32, device=triton_device)
+    tiles, count, nT, n = T._tile_list(geo, T._mask_u8(m.to(triton_device)), mode, extents,
+                                       classes, tile, words if bricks else None)
     # brute force: the voxels of each tile (classes: input voxel i = S * j + p)
     want = torch.zeros(n, dtype=torch.bool)
-    T = geo.tile
     for t in range(n):
         r = t
         coords = []
@@ -189,7 +197,7 @@ def test_tile_list_flags_match_brute_force(triton_device, stride, k, padding, bl
         b = r
         td, th, tw = reversed(coords)
         box = []
-        for c_, nt, tt, e in zip((td, th, tw), nT, T, want_vox.shape[1:]):
+        for c_, nt, tt, e in zip((td, th, tw), nT, tile, want_vox.shape[1:]):
             p, q = divmod(c_, nt)
             j = torch.arange(q * tt, (q + 1) * tt)
             i = j * classes + p if mode else j
@@ -201,12 +209,14 @@ def test_tile_list_flags_match_brute_force(triton_device, stride, k, padding, bl
     active = tiles[:got_count].cpu()
     assert torch.equal(active, want.nonzero()[:, 0])  # active first, in increasing order
     assert sorted(tiles.cpu().tolist()) == list(range(n))
-
-
-def K_output_voxels(m, block_size, stride, out_sp):
-    from mae3d._geometry import output_voxel_mask
-
-    return output_voxel_mask(m, block_size, stride, out_sp)[:, 0]
+    if bricks:  # bit (dd + 1) * 9 + (dh + 1) * 3 + dw + 1: neighbour cell (clamped) is active
+        g = m.shape[1:]
+        for b, cd, ch, cw in itertools.product(range(m.shape[0]), *(range(v) for v in g)):
+            want_word = 0
+            for q, (dd, dh, dw) in enumerate(itertools.product((-1, 0, 1), repeat=3)):
+                nb = [min(max(c + d, 0), n - 1) for c, d, n in zip((cd, ch, cw), (dd, dh, dw), g)]
+                want_word |= int(m[b, nb[0], nb[1], nb[2]]) << q
+            assert int(words.view(m.shape)[b, cd, ch, cw]) == want_word
 
 
 BAD_LAUNCHES = [
