@@ -3,59 +3,63 @@
 Implicit GEMM over a device-built list of active tiles, on channels-last (NDHWC) activations. A
 tile is TD x TH x TW voxels (the GEMM's M rows, 64 or 128); with channels innermost every row of
 an operand tile is one voxel's contiguous channel vector, so a tap shift moves whole 16-byte
-vectors and the loads are 128-bit, asynchronous copies (cp.async) into shared memory, whatever
+vectors and the loads are 128-bit asynchronous copies (cp.async) into shared memory, whatever
 the shift. Each kernel runs ONE software-pipelined loop (``tl.range(num_stages=...)``) over
-taps x channel slices, with the stride, padding, kernel size, block edge and tile shape as
-constexprs; the programs are persistent (a grid of ~SMs x occupancy programs striding over the
-device-side tile count), so nothing on the host reads the mask (no sync, CUDA graph safe).
+taps x channel slices, with the stride, padding, kernel size, cell edge and tile shape as
+constexprs; each row's in-bounds taps are one 27-bit word computed per tile, so a tap's bounds
+test is a shift and a mask. Programs are persistent (~SMs x ``_OCCUPANCY`` programs striding
+over the device-side tile count): nothing on the host reads the mask (no sync, CUDA-graph safe).
+Tile lists and geometry: ``kernels/sparse_conv_tiles.py``.
 
 - Layout: the kernels read NDHWC. A channels_last_3d input is used as it is; an NCDHW input is
-  converted once per call by the launcher (one read + one write of x: 2 x 524 MB = 1.05 GB at
-  2 x 32 x 160^3 bf16, ~0.3 ms on an H100, more than the forward's own floor at ratio 0.75, so
-  the encoder should run channels-last). Outputs (out, grad_x) are written in x's own layout.
-- Weights: the launcher lays them out once per call as (taps, Cout, Cin) for the forward and
-  (taps, Cin, Cout) for dgrad (the GEMM's B operand K-major, the layout wgmma reads natively for
-  bf16 and TF32); each iteration streams its (BLOCK_K, BLOCK_N) slice through the same
-  cp.async pipeline as the activations (2-8 KB per tap from L2: Triton's tile language has no
-  explicit shared-memory residency across loop iterations).
-- Tile list (``_sparse_conv3d_tiles_kernel`` + ``torch.sort`` + ``sum``): a flag per tile (does
-  it have an active voxel, or for dgrad: does it read one), sorted active-first (stable) with a
-  device-side count. Programs loop over the active tiles, then write zeros to the others: every
-  output element is written exactly once (no ``zero_()`` pass). Dense convs (block_size <
-  stride) need no list.
+  copied once per call by the launcher (one read + one write of x: 2 x 524 MB = 1.05 GB at
+  2 x 32 x 160^3 bf16, ~0.31 ms of HBM time on an H100, more than the forward's own floor at
+  ratio 0.75; the backward copies x and grad_out again), so the encoder should run
+  channels-last. Outputs (out, grad_x) are written in x's own layout (NCDHW grad_x: 2-byte
+  stores).
+- Weights: laid out once per call as (taps, Cout, Cin) for the forward and (taps, Cin, Cout)
+  for dgrad (the GEMM's B operand K-major, read by wgmma natively in bf16 and TF32); each
+  iteration streams its (BLOCK_K, BLOCK_N) slice through the same cp.async pipeline (2-8 KB
+  per tap, from L2: Triton's tile language keeps nothing in shared memory across iterations).
+- Tile lists: a flag per tile (does it touch an active cell; for dgrad: does it read one),
+  sorted active-first (stable) with a device-side count. Programs loop over the active tiles,
+  then write zeros to the others: every output element is written once (no ``zero_()`` pass).
+  Dense convs (block_size < stride) need no list.
 - forward: rows are output voxels; tiles never straddle an active/inactive boundary when the
-  tile edges divide the output block edge (``ALIGNED``, the production case), else a per-row
+  tile edges divide the output cell edge (``ALIGNED``, the production case), else a per-row
   mask zeroes the inactive rows.
-- dgrad: rows are input voxels. Stride 2 is split into its 8 parity classes (input voxel
-  i = 2j + p): class p reads only the taps k = p + P (mod 2), at output voxel j + (p + P - k)/2,
-  so no row x tap is computed that a stride-2 conv does not use (27 taps x 1/8 of the rows
-  instead of 27 taps x all rows) and each class is a stride-1 gather over the output grid.
-  Only tiles that read an active output are computed (and, with ``active_only``, only tiles of
-  active input blocks); an upstream gradient at an inactive output is read as 0 (per-row,
-  per-tap: a 27-bit word of the tile's neighbour cells when ALIGNED).
-- wgrad: taps are stacked along the GEMM's M: M = TAPS x BLOCK_C (= 128: 4 taps of 32 channels,
+- dgrad: rows are input voxels, read grad_out at active outputs only (a 27-bit word of the
+  row's cell and its neighbours when ALIGNED). Stride 1 (ALIGNED): the work list holds 2 x 2 x 2
+  bricks, 16 per 128-row tile: the active blocks and the bricks of their halo that read one
+  (simulated at ratio 0.75: 39% of the volume at 16^3 blocks, 53% at 8^3, against 64% / 92%
+  for tiles and 32% / 38% of voxels reached). Stride 2: split into the 8 parity classes of the
+  input (i = 2j + p); class p reads only the taps k = p + P (mod 2), at output j + (p + P - k)/2,
+  so the MMAs do the conv's FLOPs (not 27 taps x all rows: 8x) and each class is a stride-1
+  gather. ``active_only``: grad_x only on active input blocks (tiles, no halo).
+- wgrad: taps are stacked along the GEMM's M: M = TAPS x BLOCK_C (128: 4 taps of 32 channels,
   2 of 64), N = Cout, K = the rows of the active output tiles, so it runs on wgmma (M >= 64 per
   warpgroup) where one tap of 32 channels (M = 32) would need mma.sync. Programs sum a fixed
-  chunk of the active tiles; chunks (and the bias gradient, computed by extra programs from the
-  same rows) are added by torch in a fixed order: deterministic, no float atomics.
+  chunk of the active tiles; chunks and the bias gradient (extra programs on the same rows) are
+  added by torch in a fixed order: deterministic, no float atomics.
 
-Roofline at the production shapes (bf16, k3, batch 2, ratio 0.75 = 25% active; H100 SXM:
-989 TFLOP/s dense bf16, 3.35 TB/s HBM; H200: 989 TFLOP/s, 4.8 TB/s). FLOPs count the active
-output voxels (2 * Cin * Cout * 27 each, x2 for the backward); bytes are the compulsory HBM
-traffic (read x on the active blocks + halo, write the whole output incl. zeros, weights).
+Roofline at the production shapes (bf16, k3, batch 2, ratio 0.75 = 25% active; H100 SXM: 989
+TFLOP/s dense bf16, 3.35 TB/s HBM; H200: 989 TFLOP/s, 4.8 TB/s). FLOPs count the active output
+voxels (2 * Cin * Cout * 27 each, x2 for the backward); bytes are the compulsory HBM traffic (x
+on the voxels the conv reads, the whole output incl. its zeros; backward: grad_out on active
+outputs, x for wgrad, the whole grad_x).
 
-  conv (input, blocks)          FLOP fwd   bytes fwd   t_min fwd H100/H200     bwd FLOP
-  32->32 2x32x160^3, 16^3       113 G      0.73 GB     0.22 / 0.15 ms (HBM)    226 G
-  64->64 2x64x80^3,  8^3         57 G      0.21 GB     0.06 / 0.06 ms (FLOP)   113 G
-  32->64 s2 2x32x160^3, 16^3     28 G      0.33 GB     0.10 / 0.07 ms (HBM)     57 G
+  conv (input, blocks)        FLOP fwd  bytes fwd  t_min fwd H100/H200   FLOP bwd  t_min bwd
+  32->32 2x32x160^3, 16^3     113 G     0.69 GB    0.21 / 0.14 ms (HBM)  226 G     0.25 / 0.23
+  64->64 2x64x80^3, 8^3        57 G     0.18 GB    0.06 / 0.06 ms        113 G     0.11 / 0.11
+  32->64 s2 2x32x160^3, 16^3   28 G     0.29 GB    0.09 / 0.06 ms (HBM)   57 G     0.21 / 0.15
 
 (t_min = max(FLOP / 989 T, bytes / HBM); at ratio 0.9 the FLOPs fall 2.5x, the output bytes do
-not.) The re-read of x per tap comes from L2 (cp.async.cg bypasses L1): 27 x 128 x Cin x 2 B
-per tile against 2 x 128 x Cin x Cout x 27 FLOP, i.e. Cout FLOP per L2 byte: at ~5.5 TB/s of
-L2 bandwidth the 32-channel convs are capped near 32 x 5.5 = 176 TFLOP/s (64 channels: ~350),
-above the issue-16 targets (~60 effective TFLOP/s for 32->32 fwd+bwd at 2.5x cuDNN). ``STAGES``
-= 1 (plain L1-cached 128-bit loads, no cp.async) is the variant the GPU plan measures against
-it (bench/gpu_design.py, question ``sparse_conv``).
+not.) Per tap the x tile is re-read from L2 (cp.async.cg bypasses L1): 128 x Cin x 2 B against
+2 x 128 x Cin x Cout FLOP, i.e. Cout FLOP per L2 byte: at ~5.5 TB/s of L2 bandwidth the
+32-channel convs are capped near 32 x 5.5 = 176 TFLOP/s (64 channels: ~350), above the issue-16
+targets (~60 effective TFLOP/s for 32->32 fwd+bwd at 2.5x cuDNN dense + mask). ``_STAGES`` = 1
+(L1-cached 128-bit loads, no cp.async) and the occupancy are the variants the GPU plan measures
+(bench/gpu_design.py, question ``sparse_conv``).
 """
 
 import math
