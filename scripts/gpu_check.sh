@@ -24,23 +24,27 @@
 # measured case plus its warm-up calls):
 #   stage                  budget  estimate  what
 #   setup (before script)       -      25 s  wheels, pip -e . (no C++ build), first torch import
-#   smoke                      70      50 s  a: every op fwd+bwd vs its fp64 reference, bf16 and
-#                                            fp32, small shapes (26 Triton compiles, ~1 s of runs)
+#   smoke                      70      60 s  a: every op fwd+bwd vs its fp64 reference, bf16 and
+#                                            fp32, small shapes (30 Triton compiles, ~1 s of runs)
 #   ops_masked_norm            75      70 s  b: instance, 160^3 / 40^3 / 10^3 stages, fwd+bwd:
 #                                            mae3d, nnssl gather, eager, torch.compile (3 inductor
 #                                            compiles ~45 s; passes of 2.6 / 2.0 / 3.1 ms)
 #   ops_window_attention       90      85 s  b: BertsWin b2, shift 0 and 3, fwd and fwd+bwd:
 #                                            mae3d, eager, SDPA, FlexAttention (8 Triton and 4
 #                                            flex compiles ~80 s; never timed on a GPU yet)
-#   ops_sparse_conv            40      30 s  b: 32->32 @160^3, 64->64 @80^3, ratio 0.75, fwd+bwd:
-#                                            mae3d (cuDNN dense + mask), Triton, packed, dense +
-#                                            mask (passes of 35 / 14 and 10 / 3 ms)
-#   design                     60      30 s  c: profiler split device vs host, CUDA-graph replay,
-#                                            masked-norm autotune sweep -> configs.json
+#   ops_sparse_conv            60      45 s  b: 32->32 @160^3, 64->64 @80^3, ratio 0.75, fwd+bwd:
+#                                            mae3d (cuDNN dense + mask), Triton (NCDHW input: 10
+#                                            kernel compiles), packed, dense + mask
+#   design                    110      80 s  c: profiler split device vs host, CUDA-graph replay,
+#                                            masked-norm autotune sweep -> configs.json; the
+#                                            rebuilt Triton sparse conv (channels-last) vs cuDNN
+#                                            dense + mask vs packed, ratios 0.75 / 0.9, fwd and
+#                                            fwd+bwd, + launch variants (~13 compiles, ~50 s)
 #   models_bertswin            45      20 s  d: BertsWin base 224^3 b2 bf16 step, fused vs eager
 #   models_s3d                 45      25 s  d: S3D ResEnc-L 160^3 b2 bf16 step vs nnssl emulation
-#   tests                    rest     200 s  e: the suite (tests/ops first), junit XML: what the
-#                                            deadline leaves (>= 510 - 425 = 85 s by the budgets)
+#   tests                    rest     125 s  e: the suite (tests/ops first), junit XML: what the
+#                                            deadline leaves (>= 510 - 495 = 15 s by the budgets,
+#                                            ~125 s by the estimates)
 #   total              25 + 510  25 + 510 s  = 8.9 min of the device call
 # Outputs (8 files, flat, each well under 16 MB): gpu.csv (benchmark rows, bench/harness.py
 # columns), smoke.csv, design.csv, configs.json (commit as kernels/configs/<gpu>.json),
@@ -140,9 +144,9 @@ stage smoke 70 "$py" bench/gpu_smoke.py --out "$out/smoke.csv" "${dev[@]}" "${sm
 # b: the ops at production shapes against the decisive providers
 stage ops_masked_norm 75 "$py" bench/bench_masked_norm.py "${bench[@]}" "${mn_args[@]}"
 stage ops_window_attention 90 "$py" bench/bench_window_attention.py "${bench[@]}" "${wa_args[@]}"
-stage ops_sparse_conv 40 "$py" bench/bench_sparse_conv.py "${bench[@]}" "${sc_args[@]}"
+stage ops_sparse_conv 60 "$py" bench/bench_sparse_conv.py "${bench[@]}" "${sc_args[@]}"
 # c: the kernel issues' design questions; sweep winners as a kernels/configs/<gpu>.json file
-stage design 60 "$py" bench/gpu_design.py --out "$out/design.csv" \
+stage design 110 "$py" bench/gpu_design.py --out "$out/design.csv" \
     --configs "$out/configs.json" "${dev[@]}" "${design_args[@]}"
 # d: whole training steps against their baselines, with peak memory
 stage models_bertswin 45 "$py" bench/bench_bertswin.py "${bench[@]}" "${bw_args[@]}"
