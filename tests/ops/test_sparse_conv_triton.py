@@ -306,3 +306,24 @@ def test_triton_channels_last_end_to_end_copies_nothing(triton_device, monkeypat
     for got, want in ((y, yr), (gx, gxr), (gw, gwr)):
         torch.testing.assert_close(got.detach().cpu().double(), want.detach(), atol=1e-4,
                                    rtol=1e-4)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_triton_random_geometries(triton_device, seed):
+    """Random small geometries (extents, block size, stride, k, padding, channels, ratio), both
+    layouts by seed parity: every combination the launchers may meet, against the reference."""
+    g = torch.Generator().manual_seed(100 + seed)
+
+    def pick(*opts):
+        return opts[int(torch.randint(len(opts), (1,), generator=g))]
+
+    k, stride = pick(1, 2, 3), pick(1, 2)
+    padding = pick(0, k // 2)
+    bs = pick(1, 2, 3, 4, 8) if stride == 1 else pick(1, 2, 4, 8)
+    extents = (int(v) for v in torch.randint(k + 1, 11, (3,), generator=g))
+    shape = (pick(1, 2), pick(1, 3, 16), *extents)
+    ratio = pick(0.0, 0.5, 0.75, 1.0)
+    case = make_case(shape, pick(1, 5, 16), k, bs, ratio, torch.float32, seed=seed)
+    if seed % 2:
+        case["x"] = case["x"].contiguous(memory_format=CL)
+    assert_matches(case, stride, padding, backend="triton", device=triton_device)
