@@ -3,14 +3,17 @@
 The C++ CPU kernels (csrc/) are compiled whenever a compiler is present; the GPU kernels are
 Triton, compiled at run time, so there are no CUDA sources. A failed or skipped build never fails
 the install: the ops then use their Triton or torch backends (``python -m mae3d.env`` says which).
-``MAE3D_SKIP_EXT=1`` skips the build; ``MAX_JOBS`` is honoured by torch's build helpers.
+``MAE3D_SKIP_EXT=1`` skips the build; ``MAX_JOBS`` is honoured by torch's build helpers. Without
+an importable torch (pip's build isolation hides the installed one) the build stops and says to
+install with ``--no-build-isolation``.
 """
 
 import glob
 import os
 import sys
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -25,9 +28,8 @@ def _extensions():
         return [], {}
     try:
         from torch.utils import cpp_extension as ce
-    except ImportError as e:  # torch missing in the build environment
-        _log(f"native extension not built (torch not importable: {e}); ops use the reference")
-        return [], {}
+    except ImportError as e:  # an isolated build (plain `pip install .`) hides the torch to use
+        return [Extension("mae3d._C", [])], {"build_ext": _no_torch_build_ext(e)}
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fopenmp: with torch's OpenMP backend at::parallel_for is inline and runs serially without it
@@ -41,6 +43,23 @@ def _extensions():
         extra_link_args=link,
     )
     return [ext], {"build_ext": _tolerant_build_ext(ce.BuildExtension)}
+
+
+def _no_torch_build_ext(error: ImportError):
+    """Fails the build with what to do: the extension must be compiled against the torch it will
+    load into, and pip's build isolation (a plain ``pip install .``) hides the installed one
+    (pyproject.toml deliberately does not list torch, so no second torch is fetched)."""
+
+    class NoTorchBuildExt(build_ext):
+        def run(self):
+            raise SystemExit(
+                f"mae3d: torch is not importable in this build environment ({error}). The "
+                "native extension is compiled against the installed torch, which pip's build "
+                "isolation hides: install torch first, then `pip install --no-build-isolation .` "
+                "(or `bash scripts/setup.sh`); MAE3D_SKIP_EXT=1 installs without the extension."
+            )
+
+    return NoTorchBuildExt
 
 
 def _tolerant_build_ext(base):

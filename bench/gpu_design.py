@@ -9,18 +9,26 @@ scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
   tune      autotune sweeps of launch parameters; the winner of each (kernel, problem key) goes to
             --configs as a ``kernels/configs/<gpu>.json`` file (see ``mae3d.kernels.tuning``),
             to be committed under the GPU's name. Today: the masked-norm forward
-            kernels (BLOCK_S x num_warps); kernel issues add their sweeps to ``SWEEPS``.
+            kernels (BLOCK_S x num_warps), the four window-attention kernels at the BertsWin
+            shape (tiles, blocks per program, chunks; ``_sweep_window_attention``); kernel
+            issues add their sweeps to ``SWEEPS``.
+  wattn     window_attention3d's design rows at the BertsWin shape (b2, shift 3): the bias read
+            from a shared-memory staged column (default) vs in place (gather) vs dense padded
+            tiles (MAE3D_WATTN_BIAS), forward and forward + backward each.
   sparse_conv  issue 16: the rebuilt Triton sparse conv (channels-last input) against cuDNN's
-            dense conv + mask and the packed backend, at the two production shapes (32->32 at
-            2x32x160^3 with 16^3 blocks, 64->64 at 2x64x80^3 with 8^3 blocks), ratios 0.75 and
-            0.9, fwd and fwd+bwd: p50 ms, effective TFLOP/s (active FLOPs / time) and the active
-            fraction; plus Triton launch variants (occupancy 1 / 4 programs per SM: no
-            recompile; 1 pipeline stage = L1-cached loads instead of cp.async: 3 recompiles) at
-            the 32-channel shape. ~45 s on an H100 (13 Triton compiles of ~3 s, 2 x 64 timings).
+            dense conv + mask and the packed backend (``max_active`` = the mask's visible count,
+            so no host sync; its cost rule picks packed or dense per pass), at the two
+            production shapes (32->32 at 2x32x160^3 with 16^3 blocks, 64->64 at 2x64x80^3 with
+            8^3 blocks), ratios 0.75 and 0.9, fwd and fwd+bwd: p50 ms, effective TFLOP/s (active
+            FLOPs / time) and the active fraction; plus, at the 32-channel shape, the packed
+            path forced (cuDNN on the packed batch, whatever the cost rule says) and Triton
+            launch variants (occupancy 1 / 4 programs per SM: no recompile; 1 pipeline stage =
+            L1-cached loads instead of cp.async: 3 recompiles). ~50 s on an H100 (13 Triton
+            compiles of ~3 s; 40 timed passes, 4 of them the forced packed path).
 Rows: question, op, case, variant, metric, value, unit, device, torch, triton, git_sha, date.
 
-    python bench/gpu_design.py --out design.csv --configs configs.json        # CUDA
-    TRITON_INTERPRET=1 python bench/gpu_design.py --device cpu --tiny --out d.csv --configs c.json
+    python -m bench.gpu_design --out design.csv --configs configs.json        # CUDA
+    TRITON_INTERPRET=1 python -m bench.gpu_design --device cpu --tiny --out d.csv --configs c.json
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import statistics
 import sys
 import time
@@ -37,12 +46,8 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from bench import harness as H  # noqa: E402
-from mae3d.ops import masked_norm, use_backend, window_attention3d  # noqa: E402
+from bench import harness as H
+from mae3d.ops import masked_norm, use_backend, window_attention3d
 
 COLUMNS = (
     "question",
@@ -267,7 +272,148 @@ def _sweep_masked_norm(dev, dtype, tiny):
     return out
 
 
-SWEEPS: list[Callable] = [_sweep_masked_norm]
+def _wattn_inputs(dev, dtype, tiny):
+    B, g, nh, hd, w, sh = (1, 2, 1, 16, 2, 1) if tiny else (2, 14, 12, 64, 7, 3)
+    qkv = torch.randn(B, g, g, g, 3, nh, hd, device=dev, dtype=dtype)
+    q, k, v = (t.requires_grad_() for t in qkv.unbind(4))
+    table = (torch.randn((2 * w - 1) ** 3, nh, device=dev) * 0.02).requires_grad_()
+    return q, k, v, table, (w,) * 3, (sh,) * 3
+
+
+class _forced:
+    """Inside the block, window_attention3d's launcher takes ``params`` for ``kernel`` (the sweep's
+    way to try a configuration; the launch plans are cached per problem, so they are reset)."""
+
+    def __init__(self, kernel: str | None = None, params: dict | None = None):
+        from mae3d.kernels import window_attention as K
+
+        self.K, self.kernel, self.params = K, kernel, params or {}
+
+    def __enter__(self):
+        K, original = self.K, self.K.launch_config
+        self.original = original
+
+        def launch_config(kernel, *args):
+            cfg = original(kernel, *args)
+            return {**cfg, **self.params} if kernel == self.kernel else cfg
+
+        K.launch_config = launch_config
+        K._plan.cache_clear()
+
+    def __exit__(self, *exc):
+        self.K.launch_config = self.original
+        self.K._plan.cache_clear()
+
+
+# (kernel, candidates): the default first; each candidate changes only that kernel's launch
+_WATTN_CANDIDATES = (
+    (
+        "_window_attention3d_fwd_kernel",
+        ({}, {"QPP": 3}, {"BLOCK_M": 64, "num_warps": 4}, {"num_stages": 2}),
+    ),
+    ("_window_attention3d_bwd_dq_kernel", ({}, {"QPP": 3}, {"BLOCK_M": 64, "num_warps": 4})),
+    ("_window_attention3d_bwd_dkdv_kernel", ({}, {"KPP": 3}, {"BLOCK_M": 64}, {"num_stages": 2})),
+    (
+        "_window_attention3d_bwd_dbias_kernel",
+        ({}, {"num_stages": 2}, {"CHUNKS": 2}, {"BLOCK_M": 64, "num_warps": 4}),
+    ),
+)
+
+
+def _checked(run: Callable, ref, tol: float) -> Callable:
+    """``run`` whose first call compares its tensors with ``ref`` (the default configuration's)
+    and raises AssertionError on a mismatch: a configuration that computes something else is
+    recorded as an error row by ``tune`` and cannot win."""
+    state = {"checked": False}
+
+    def fn():
+        got = run()
+        if not state["checked"]:
+            for name, a, b in zip(("0", "1", "2", "3"), got, ref):
+                if b.numel() == 0:
+                    continue
+                err = (a.float() - b.float()).abs().max().item()
+                bound = tol * max(1.0, b.float().abs().max().item())
+                assert err <= bound, f"output {name}: max |diff| {err:.3g} > {bound:.3g}"
+            state["checked"] = True
+        return got
+
+    return fn
+
+
+def _sweep_window_attention(dev, dtype, tiny):
+    """(kernel, key, [(params, run, context)]) for window_attention3d's kernels at the BertsWin
+    shape (the context forces the params while the run is timed): the forward kernel timed by
+    the forward op, the backward kernels by the backward op (the others at their defaults). The
+    params recorded are the full launch configuration; every candidate's outputs are checked
+    against the default configuration's (``_checked``) before it is timed."""
+    from mae3d.kernels import window_attention as K
+
+    q, k, v, table, w, sh = _wattn_inputs(dev, dtype, tiny)
+    key = K.config_key(tuple(q.shape), q.dtype, w, sh)
+    scale = q.shape[-1] ** -0.5
+    qd, kd, vd, td = (t.detach() for t in (q, k, v, table))
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+
+    def fwd():
+        return torch.ops.mae3d.window_attention3d(qd, kd, vd, td, list(w), list(sh), list(w), scale)
+
+    out, lse = fwd()
+    gy = torch.randn_like(out)
+
+    def bwd():
+        return torch.ops.mae3d.window_attention3d_backward(
+            gy, qd, kd, vd, out, lse, td, list(w), list(sh), list(w), scale
+        )
+
+    ref = {"fwd": (out, lse), "bwd": bwd()}  # at the configurations the launcher picks today
+    out_list = []
+    for kernel, candidates in _WATTN_CANDIDATES[: 1 if tiny else None]:
+        which = "fwd" if kernel.endswith("fwd_kernel") else "bwd"
+        runs = []
+        for extra in candidates:
+            params = {**K.launch_config(kernel, tuple(q.shape), q.dtype, q.device, w, sh), **extra}
+            run = _checked(fwd if which == "fwd" else bwd, ref[which], tol)
+            runs.append((params, run, _forced(kernel, params)))
+        out_list.append((kernel, key, runs))
+    return out_list
+
+
+SWEEPS: list[Callable] = [_sweep_masked_norm, _sweep_window_attention]
+
+
+def wattn(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int) -> None:
+    """Bias-read modes of window_attention3d, forward and forward + backward."""
+    q, k, v, table, win, sh = _wattn_inputs(dev, dtype, tiny)
+    gy = torch.randn_like(q)
+    case = "b1-2^3-w2-s1" if tiny else "bertswin-b2-s3"
+
+    def fwd():
+        return window_attention3d(q, k, v, win, sh, table)
+
+    def step():
+        return torch.autograd.grad(fwd(), (q, k, v, table), gy)
+
+    for mode in ("smem", "gather", "dense"):
+        before = os.environ.get("MAE3D_WATTN_BIAS")
+        os.environ["MAE3D_WATTN_BIAS"] = mode
+        try:
+            with _forced():
+                for name, fn in (("fwd", fwd), ("fwd+bwd", step)):
+                    w.row(
+                        "wattn",
+                        "window_attention3d",
+                        case,
+                        f"bias={mode}",
+                        f"{name}_p50_ms",
+                        _time_ms(fn, dev, reps),
+                        "ms",
+                    )
+        finally:
+            if before is None:
+                os.environ.pop("MAE3D_WATTN_BIAS", None)
+            else:
+                os.environ["MAE3D_WATTN_BIAS"] = before
 
 
 def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Path) -> None:
@@ -275,10 +421,11 @@ def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Pa
     for sweep in SWEEPS:
         for kernel, key, runs in sweep(dev, dtype, tiny):
             best = None
-            for params, run in runs:
+            for params, run, *context in runs:  # context: entered around the timing
                 variant = ",".join(f"{k}={v}" for k, v in params.items())
                 try:
-                    ms = _time_ms(run, dev, reps)
+                    with context[0] if context else contextlib.nullcontext():
+                        ms = _time_ms(run, dev, reps)
                 except Exception as e:  # a config that does not compile is skipped
                     w.row("tune", kernel, key, variant, "error", type(e).__name__, "")
                     continue
@@ -314,10 +461,14 @@ def _triton_sparse_conv(stages: int | None = None, occupancy: int | None = None)
 
 
 def _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype):
-    from mae3d.masking import random_block_mask, upsample_block_mask
+    from mae3d.masking import random_block_mask, upsample_block_mask, visible_count
 
     g = torch.Generator().manual_seed(0)
-    m = random_block_mask(B, -(-size // bs), ratio, generator=g)
+    grid = -(-size // bs)
+    m = random_block_mask(B, grid, ratio, generator=g)
+    # the packed backend's capacity: the visible cells per sample the mask was drawn with (no
+    # host read of the mask; without it the packed backend on CUDA runs the dense conv + mask)
+    max_active = visible_count(grid**3, ratio)
     vox = upsample_block_mask(m, bs, (size,) * 3).to(dev)
     cl = torch.channels_last_3d
     x = (torch.randn(B, cin, size, size, size, device=dev, dtype=dtype) * vox).contiguous(
@@ -330,7 +481,22 @@ def _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype):
     gy = torch.randn(B, cout, size, size, size, device=dev, dtype=dtype).contiguous(
         memory_format=cl
     )
-    return x, w, b, m.to(dev), vox, gy
+    return x, w, b, m.to(dev), vox, gy, max_active
+
+
+@contextlib.contextmanager
+def _packed_forced():
+    """The packed backend with its cost rule overruled: every pass packs (cuDNN on the packed
+    batch of active blocks + halo)."""
+    from mae3d.ops._torch_backends import sparse_conv_plan as plan
+
+    saved = plan.packed_is_cheaper
+    plan.packed_is_cheaper = lambda *a, **k: True
+    try:
+        with use_backend(sparse_conv3d="packed"):
+            yield
+    finally:
+        plan.packed_is_cheaper = saved
 
 
 def _sparse_conv_providers(variants: bool) -> dict[str, Callable]:
@@ -338,9 +504,10 @@ def _sparse_conv_providers(variants: bool) -> dict[str, Callable]:
     out = {
         "triton": _triton_sparse_conv,
         "dense_mask": contextlib.nullcontext,  # cuDNN (CPU: oneDNN) conv, then the mask
-        "packed": lambda: use_backend(sparse_conv3d="packed"),
+        "packed": lambda: use_backend(sparse_conv3d="packed"),  # its cost rule per pass
     }
-    if variants:  # launch variants (at the 32-channel shape)
+    if variants:  # the packed batch itself, launch variants (at the 32-channel shape)
+        out["packed_forced"] = _packed_forced
         out["triton_occ1"] = lambda: _triton_sparse_conv(occupancy=1)
         out["triton_occ4"] = lambda: _triton_sparse_conv(occupancy=4)
         out["triton_stages1"] = lambda: _triton_sparse_conv(stages=1)
@@ -356,7 +523,7 @@ def _sparse_conv_case(
     from mae3d.ops.sparse_conv import active_output_voxels, sparse_conv3d_flops
 
     name, B, cin, cout, size, bs = shape
-    x, wt, b, m, vox, gy = _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype)
+    x, wt, b, m, vox, gy, bound = _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype)
     case = f"{name}@r{ratio:g}"
     n_act = active_output_voxels(m, bs, 1, (size,) * 3)
     w.row("sparse_conv", "sparse_conv3d", case, "-", "active_fraction", n_act / (B * size**3), "")
@@ -371,7 +538,7 @@ def _sparse_conv_case(
         else:
 
             def conv(xx):
-                return sparse_conv3d(xx, wt, b, m, bs)
+                return sparse_conv3d(xx, wt, b, m, bs, max_active=bound)
 
         steps = {
             "fwd": lambda conv=conv: conv(x),
@@ -412,7 +579,7 @@ def sparse_conv(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int) -> N
                 torch.cuda.empty_cache()
 
 
-QUESTIONS = ("profile", "graph", "tune", "sparse_conv")
+QUESTIONS = ("profile", "graph", "tune", "wattn", "sparse_conv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -434,6 +601,8 @@ def main(argv: list[str] | None = None) -> int:
             profile(w, dev, probs, max(2, a.reps // 4))
         if "graph" in a.questions:
             graph(w, dev, probs, a.reps)
+        if "wattn" in a.questions:
+            wattn(w, dev, dtype, a.tiny, a.reps)
         if "tune" in a.questions:
             tune(w, dev, dtype, a.tiny, a.reps, a.configs)
     if "sparse_conv" in a.questions:  # each provider picks its own backend

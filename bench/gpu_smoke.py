@@ -9,8 +9,8 @@ GPU, as cuDNN does), ok, and the seconds the case took (compile included). NaN n
 outputs are poisoned (filled with NaN) nowhere: each kernel writes into fresh torch.empty memory,
 so an unwritten element shows up as a large error with high probability.
 
-    python bench/gpu_smoke.py --out smoke.csv            # CUDA
-    TRITON_INTERPRET=1 python bench/gpu_smoke.py --device cpu --out smoke.csv   # dry run
+    python -m bench.gpu_smoke --out smoke.csv            # CUDA
+    TRITON_INTERPRET=1 python -m bench.gpu_smoke --device cpu --out smoke.csv   # dry run
 """
 
 from __future__ import annotations
@@ -23,18 +23,14 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from mae3d.ops import (  # noqa: E402
+from mae3d.ops import (
     assemble_token_grid,
     masked_norm,
     sparse_conv3d,
     use_backend,
     window_attention3d,
 )
-from mae3d.reference import (  # noqa: E402
+from mae3d.reference import (
     assemble_token_grid_reference,
     masked_norm_reference,
     sparse_conv3d_reference,

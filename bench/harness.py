@@ -1,4 +1,5 @@
-"""Shared benchmark harness: timing, peak memory, a copy-bandwidth ceiling, CSV rows, a text table.
+"""Shared benchmark harness: timing, peak memory, a copy-bandwidth ceiling, CSV rows, a text table
+(tabulate), the flags every benchmark shares and the plumbing around its providers.
 
 Timing (warm-up calls excluded, times in ms):
   * CUDA: ``triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])`` (Triton is imported only here).
@@ -34,6 +35,14 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
+
+try:
+    from tabulate import tabulate
+except ImportError as e:  # a dev dependency, not one of mae3d's
+    raise ImportError(
+        "the benchmarks print their tables with tabulate: pip install tabulate "
+        "(scripts/setup.sh dev installs it)"
+    ) from e
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "bench" / "results"
@@ -123,12 +132,84 @@ def _quantile(xs: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def sparse_conv_backend(name: str):
-    """Benchmarks: run ``mae3d.sparse_conv3d`` (forward and backward) on ``name`` ("triton",
-    "packed", "reference") whatever the device's default; the other ops keep their choice."""
+def forced(fn: Callable, *name: str, **per_op: str) -> Callable:
+    """``fn`` run under ``mae3d.ops.use_backend(*name, **per_op)`` at every call (forward and
+    backward), e.g. ``forced(f, sparse_conv3d="triton")``: one op on a named backend whatever
+    the device's default, the other ops keeping their choice."""
     from mae3d.ops import use_backend
 
-    return use_backend(sparse_conv3d=name)
+    def run(*args, **kwargs):
+        with use_backend(*name, **per_op):
+            return fn(*args, **kwargs)
+
+    return run
+
+
+def why(e: BaseException) -> str:
+    """One line naming an exception, for a SKIP message."""
+    return f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
+
+
+# A provider's result next to mae3d's: rounding differences stay far below these (of max |mae3d|,
+# at least 1); a different computation does not. Half precision: the convolutions and models sum
+# many rounded products, hence bf16's 5e-2.
+SAME_TOL = {torch.float32: 1e-4, torch.float64: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+
+
+def check_same(name: str, got: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype,
+               what: str = "out", max_off_fraction: float = 0.0) -> bool:
+    """Warn (and return False) when more than ``max_off_fraction`` of ``got``'s elements differ
+    from mae3d's ``ref`` by more than SAME_TOL[dtype] x max(1, max |ref|): the provider does not
+    compute the same thing, and its timing means nothing next to mae3d's."""
+    diff = (got.detach().float() - ref.detach().float()).abs()
+    scale = max(1.0, ref.detach().float().abs().max().item()) if ref.numel() else 1.0
+    within = diff <= SAME_TOL.get(dtype, 1e-4) * scale  # NaN is not
+    off = (~within).float().mean().item() if diff.numel() else 0.0
+    if off <= max_off_fraction:
+        return True
+    print(
+        f"  WARNING {name}: {off:.2e} of {what} elements differ from mae3d's (max "
+        f"{diff.max().item():.3g}, max |ref| {scale:.3g}): not the same computation"
+    )
+    return False
+
+
+def ready(
+    names: Sequence[str],
+    make: Callable[[str], Callable],
+    subject: str,
+    reference: Callable[[Callable], object],
+    check: Callable[[str, Callable, object], object],
+    on_skip: Callable[[str, str], str] | None = None,
+) -> dict[str, Callable]:
+    """The providers of ``names`` ready to time, the subject first: ``make(name)`` builds one,
+    ``reference(f)`` computes the subject's result and ``check(name, f, ref)`` compares another's
+    with it (warning on a mismatch). The subject must build; another that raises is skipped with
+    a message (``on_skip(name, message)`` returns the message, e.g. noting a failure to
+    remember)."""
+    fns: dict[str, Callable] = {}
+    ref = None
+    for name in sorted(names, key=lambda p: p != subject):
+        try:
+            f = make(name)
+            if name == subject:
+                ref = reference(f)
+            else:
+                check(name, f, ref)
+            fns[name] = f
+        except Exception as e:
+            if name == subject:
+                raise
+            msg = why(e)
+            print(f"  SKIP {name}: {on_skip(name, msg) if on_skip else msg}")
+    return fns
+
+
+def release(device: torch.device) -> None:
+    """Free what a case held before the next one is measured."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, cfg: TimingConfig) -> Timing:
@@ -244,7 +325,7 @@ def _version(dist: str) -> str:
         return ""
 
 
-def _git_sha() -> str:
+def git_sha() -> str:
     """HEAD's short SHA; ``MAE3D_GIT_SHA`` when the checkout has no .git (a copied tree)."""
     if os.environ.get("MAE3D_GIT_SHA"):
         return os.environ["MAE3D_GIT_SHA"]
@@ -269,7 +350,7 @@ def environment(device: torch.device) -> Env:
         torch.get_num_threads(),
         torch.__version__,
         _version("triton"),
-        _git_sha(),
+        git_sha(),
         now,
     )
 
@@ -369,20 +450,30 @@ TABLE = (
 )
 
 
-def format_table(data: Sequence[dict]) -> str:
-    """Plain-text table with aligned columns (numbers right-aligned)."""
-    head = [h for _, h in TABLE]
-    body = [[str(d[k]) for k, _ in TABLE] for d in data]
-    widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-    numeric = [k.endswith(("_ms", "gbps", "ceiling", "speedup", "_mb")) for k, _ in TABLE]
+def table(data: Sequence[dict], columns: Sequence[tuple[str, str]] = TABLE) -> str:
+    """Plain-text table of ``data``'s ``columns`` ((key, heading) pairs); numbers right-aligned
+    as written (no reformatting: the CSV's text is what is shown)."""
+    return tabulate(
+        [[d.get(k, "") for k, _ in columns] for d in data],
+        headers=[h for _, h in columns],
+        tablefmt="simple",
+        disable_numparse=True,
+        colalign=[
+            "right" if k.endswith(("_ms", "gbps", "ceiling", "speedup", "_mb", "ratio")) else "left"
+            for k, _ in columns
+        ],
+    )
 
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            c.rjust(w) if n else c.ljust(w) for c, w, n in zip(cells, widths, numeric, strict=True)
-        ).rstrip()
 
-    sep = "  ".join("-" * w for w in widths)
-    return "\n".join([line(head), sep, *(line(r) for r in body)])
+def finish(data: Sequence[dict], path: Path | None, *notes: str) -> None:
+    """The end of a run: the table of its rows, notes on it, and where the rows went."""
+    print()
+    print(table(data))
+    for note in notes:
+        print()
+        print(note)
+    if path is not None:
+        print(f"\n{len(data)} rows appended to {path}")
 
 
 def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
@@ -424,6 +515,15 @@ def print_header(op: str, env: Env, dtype: torch.dtype, backend: str, why: str) 
     print(f"mae3d backend: {backend} ({why})")
     if backend == "reference":
         print("WARNING: mae3d runs the plain-PyTorch reference backend: not kernel numbers")
+
+
+def start(op: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+          backend_for: Callable[[str], tuple[str, str]]) -> tuple[Env, Path | None]:
+    """A run's beginning: its environment, the header naming the backend mae3d runs on the
+    device (``backend_for`` of the op), and where its rows go."""
+    env = environment(device)
+    print_header(op, env, dtype, *backend_for(device.type))
+    return env, csv_path(args, env)
 
 
 def add_run_args(p: argparse.ArgumentParser, dtypes: dict[str, torch.dtype]) -> None:

@@ -6,8 +6,9 @@ former's docstring for the method).
   launch takes Triton's own JIT path (argument specialization, cache lookup, compile) for an
   sm_<arch> target without running;
 * ``LaunchCounter``: counts the aten ops of a pass that would launch a CUDA kernel;
-* ``analyze(kernel)``: registers, spills, shared memory, wgmma / mma.sync and load / store
-  widths of a compiled kernel, from ``cuobjdump`` (Triton's bundled copy) or its PTX.
+* ``analyze(kernel)``: registers, spills, shared memory, wgmma / mma.sync, load / store widths
+  and the static size of the hot loop (``hot_loop``) of a compiled kernel, from ``cuobjdump``
+  (Triton's bundled copy) or its PTX.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import torch
 class Launch:
     kernel: str
     compiled: object  # triton CompiledKernel (None when compiling is off)
+    constexprs: dict | None = None  # the launch's keyword arguments (constexprs, num_warps ...)
 
 
 class _FakeCudaDriver:
@@ -119,7 +121,7 @@ def fake_gpu(
 
     def run(self, *args, grid, warmup, **kwargs):
         kernel = orig_run(self, *args, grid=grid, warmup=True, **gpu_variant(kwargs))
-        launches.append(Launch(self.fn.__name__, kernel if compile else None))
+        launches.append(Launch(self.fn.__name__, kernel if compile else None, dict(kwargs)))
         return kernel
 
     def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
@@ -338,6 +340,32 @@ def ptx_counts(ptx: str) -> dict[str, int]:
     return c
 
 
+_SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def hot_loop(sass: str) -> dict[str, int]:
+    """Static size of a kernel's SASS and of its innermost loop that holds tensor-core
+    instructions: ``instructions`` (all), ``loop_instructions`` and ``loop_wgmma`` (HGMMA, or
+    HMMA without any) of the smallest address range [target, branch] of a backward branch that
+    contains at least one; 0 when no loop does (the code is straight-line, e.g. unrolled)."""
+    ins = [(int(m.group(1), 16), m.group(2), m.group(3)) for m in _SASS_LINE.finditer(sass)]
+    mma = "HGMMA" if any(op.startswith("HGMMA") for _, op, _ in ins) else "HMMA"
+    best = None
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target is None or int(target.group(1), 16) > addr:
+            continue
+        body = [o for a, o, _ in ins if int(target.group(1), 16) <= a <= addr]
+        dots = sum(o.startswith(mma) for o in body)
+        if dots and (best is None or len(body) < best[0]):
+            best = (len(body), dots)
+    return {
+        "instructions": len(ins),
+        "loop_instructions": best[0] if best else 0,
+        "loop_wgmma": best[1] if best else 0,
+    }
+
+
 def analyze(kernel) -> dict:
     """Resource usage and instruction counts of a compiled Triton kernel (CompiledKernel)."""
     md = kernel.metadata
@@ -361,8 +389,9 @@ def analyze(kernel) -> dict:
             [cuobjdump, "-sass", str(path)], capture_output=True, text=True, check=True
         ).stdout
     usage = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", res))
+    row.update(sass_counts(sass))
     row.update(
-        sass_counts(sass),
+        hot_loop(sass),
         sass_tool="cuobjdump",
         registers=int(usage.get("REG", 0)),
         stack_bytes=int(usage.get("STACK", 0)),

@@ -1,8 +1,8 @@
 """Static sm_90 report: what every Triton launch of the mae3d ops compiles to at production shapes,
 and how many device launches and how much host time each pass costs, on a machine without a GPU.
 
-    python bench/static_report.py --out bench/results/sm90-static.csv          # all cases
-    python bench/static_report.py --out FILE.csv --subset ci --jobs 2          # the CI subset
+    python -m bench.static_report --out bench/results/sm90-static.csv          # all cases
+    python -m bench.static_report --out FILE.csv --subset ci --jobs 2          # the CI subset
 
 Method (nothing runs on a device, nothing touches production-size data):
 
@@ -29,6 +29,9 @@ Method (nothing runs on a device, nothing touches production-size data):
   (LDG / STG / LDGSTS, 16 / 8 / 4 / 2 / 1 bytes), all static instruction counts. The tools are
   the cuobjdump / nvdisasm that Triton ships in ``triton/backends/nvidia/bin``; without them the
   PTX is parsed instead (``ld.global.v4`` ...) and ``sass_tool`` says "ptx".
+* Per attention kernel, instructions per key-tile iteration (``per_key_tile``): the static
+  SASS instructions of its innermost loop that holds wgmma, over the key tiles that loop's body
+  runs (a kernel with its tiles unrolled and no loop: all its instructions over its tiles).
 * Per op and pass: device launches = Triton launches + aten ops that would launch a CUDA kernel,
   counted by a TorchDispatchMode on the meta device at the production shape (views, allocations
   and other metadata-only ops are not counted, nor ops on CPU tensors such as the host-side
@@ -59,7 +62,6 @@ import functools
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -70,11 +72,8 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9 warns witho
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # run as a script: python bench/static_report.py
-    sys.path.insert(0, str(REPO))
-
-from bench.sm90 import LaunchCounter, analyze, fake_gpu  # noqa: E402
+from bench.harness import git_sha
+from bench.sm90 import LaunchCounter, analyze, fake_gpu
 
 COLUMNS = (
     "kind",
@@ -116,6 +115,11 @@ COLUMNS = (
     "torch_version",
     "git_sha",
     "date",
+    "instructions",
+    "loop_instructions",
+    "loop_wgmma",
+    "key_tiles",
+    "instr_per_key_tile",
 )
 
 
@@ -357,10 +361,42 @@ def _passes(case: Case, compile: bool, arch: int, reps: int) -> list[dict]:
                 if key in seen:
                     continue
                 seen.add(key)
+                stats = analyze(launch.compiled)
                 rows.append(
-                    {**base, "kind": "kernel", "kernel": launch.kernel, **analyze(launch.compiled)}
+                    {
+                        **base,
+                        "kind": "kernel",
+                        "kernel": launch.kernel,
+                        **stats,
+                        **per_key_tile(launch.kernel, launch.constexprs or {}, stats),
+                    }
                 )
     return rows
+
+
+# attention kernels: the launch constexpr whose tiles the kernel unrolls per loop iteration (or
+# over its whole body), and the most it unrolls (beyond that it loops over them one at a time)
+_KEY_TILE_AXIS = {
+    "_window_attention3d_fwd_kernel": "BLOCK_N",
+    "_window_attention3d_bwd_dq_kernel": "BLOCK_N",
+    "_window_attention3d_bwd_dkdv_kernel": "BLOCK_M",  # query tiles against a key block
+    "_window_attention3d_bwd_dbias_kernel": None,  # one tile per window of its loop
+}
+_MAX_UNROLLED_TILES = 8  # MAX_TILES of kernels/window_attention_{fwd,bwd}.py
+
+
+def per_key_tile(kernel: str, constexprs: dict, stats: dict) -> dict:
+    """Instructions per key-tile iteration of an attention kernel: its hot loop's static SASS
+    instructions (``hot_loop``) over the key tiles one iteration runs; a kernel whose tiles are
+    all unrolled with no enclosing loop counts all its instructions over its tiles (prologue and
+    epilogue included). Blank for other kernels."""
+    if kernel not in _KEY_TILE_AXIS or "instructions" not in stats or "N" not in constexprs:
+        return {}
+    axis = _KEY_TILE_AXIS[kernel]
+    tiles = 1 if axis is None else -(-constexprs["N"] // constexprs[axis])
+    tiles = tiles if tiles <= _MAX_UNROLLED_TILES else 1
+    body = stats["loop_instructions"] or stats["instructions"]
+    return {"key_tiles": tiles, "instr_per_key_tile": round(body / tiles)}
 
 
 def _median_ms(fn: Callable[[], object], reps: int, warmup: int = 3, blocks: int = 5) -> float:
@@ -386,20 +422,6 @@ def run_case(job: tuple[str, str, bool, int, int]) -> list[dict]:
     return _passes(case, compile, arch, reps)
 
 
-def _git_sha() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short=12", "HEAD"],
-            cwd=REPO,
-            text=True,
-            capture_output=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() if out.returncode == 0 else "unknown"
-
-
 def report(
     cases: list[Case], compile: bool = True, arch: int = 90, reps: int = 20, jobs: int = 1
 ) -> list[dict]:
@@ -422,7 +444,7 @@ def report(
         "arch": f"sm_{arch}",
         "triton_version": triton.__version__,
         "torch_version": torch.__version__,
-        "git_sha": _git_sha(),
+        "git_sha": git_sha(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
     return [{**{k: "" for k in COLUMNS}, **r, **common} for rows in results for r in rows]
@@ -459,6 +481,11 @@ def summary(rows: list[dict]) -> str:
                 f"{r['shared_bytes']:>6} w{r['num_warps']} s{r['num_stages']} "
                 f"wgmma {r['wgmma']} mma {r['mma_sync']} ldg128 {r['ldg_128']} "
                 f"ldg16 {r['ldg_16']} stg128 {r['stg_128']} stg16 {r['stg_16']}"
+                + (
+                    f" instr/key-tile {r['instr_per_key_tile']}"
+                    if r.get("instr_per_key_tile")
+                    else ""
+                )
             )
     return "\n".join(lines)
 

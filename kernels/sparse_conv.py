@@ -35,7 +35,8 @@ Tile lists and geometry: ``kernels/sparse_conv_tiles.py``.
   for tiles and 32% / 38% of voxels reached). Stride 2: split into the 8 parity classes of the
   input (i = 2j + p); class p reads only the taps k = p + P (mod 2), at output j + (p + P - k)/2,
   so the MMAs do the conv's FLOPs (not 27 taps x all rows: 8x) and each class is a stride-1
-  gather. ``active_only``: grad_x only on active input blocks (tiles, no halo).
+  gather. ``active_only`` (the op's ``active_grad_x``): grad_x only on active input blocks
+  (tiles, no halo).
 - wgrad: taps are stacked along the GEMM's M: M = TAPS x BLOCK_C (128: 4 taps of 32 channels,
   2 of 64), N = Cout, K = the rows of the active output tiles, so it runs on wgmma (M >= 64 per
   warpgroup) where one tap of 32 channels (M = 32) would need mma.sync. Programs sum a fixed

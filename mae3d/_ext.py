@@ -1,10 +1,20 @@
-"""The one place that loads the native extension ``mae3d._C`` and remembers why it did not load."""
+"""The one place that loads the native extension ``mae3d._C`` and remembers why it did not load.
+
+``import mae3d`` tries the load once; when it fails (not built, or built against another torch:
+an undefined symbol) an ``ExtensionWarning`` says so once, since every op then runs its slower
+torch / reference backend. ``MAE3D_SKIP_EXT=1`` skips the load and the warning."""
 
 from __future__ import annotations
 
 import importlib
 import os
+import warnings
 from types import ModuleType
+
+
+class ExtensionWarning(RuntimeWarning):
+    """mae3d._C did not load: the ops run their torch / reference backends."""
+
 
 _NOT_TRIED = object()
 _module: object = _NOT_TRIED
@@ -22,6 +32,12 @@ def native() -> ModuleType | None:
                 _module = importlib.import_module("mae3d._C")
             except ImportError as e:
                 _module, _error = None, f"{type(e).__name__}: {e}"
+                what = "is not built" if isinstance(e, ModuleNotFoundError) else "failed to load"
+                warnings.warn(f"mae3d: the native extension mae3d._C {what} ({_error}); the ops "
+                              "run their slower torch / reference backends. Rebuild it against "
+                              "this torch with `pip install --no-build-isolation -e .` (or set "
+                              "MAE3D_SKIP_EXT=1 to use mae3d without it)", ExtensionWarning,
+                              stacklevel=2)
     return _module  # type: ignore[return-value]
 
 

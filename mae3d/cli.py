@@ -1,25 +1,43 @@
-"""The ``mae3d`` command line: pretrain, reconstruct, finetune, demo, flops, env, bench.
+"""The mae3d command line: pretrain, finetune, reconstruct, demo, flops, env, bench.
 
 Exit statuses: 0 done; 2 a user error (missing path, unknown model, bad value, a checkpoint that
 does not match, an output folder that is a file, read-only or full), printed as one line
-``mae3d <command>: <message>`` on stderr; 3 a NaN/inf loss (the last good checkpoint is kept and
-named); 130 Ctrl-C (SIGINT) and 143 SIGTERM, both after ``pretrain`` has saved a checkpoint (a
+"mae3d <command>: <message>" on stderr; 3 a NaN/inf loss (the last good checkpoint is kept and
+named); 130 Ctrl-C (SIGINT) and 143 SIGTERM, both after pretrain has saved a checkpoint (a
 second signal aborts without saving). Warnings (skipped files, repaired logs) are printed as
-``mae3d <command>: warning: <message>``.
+"mae3d <command>: warning: <message>".
+
+The flags of pretrain, finetune, reconstruct and demo are generated from their config
+dataclasses (mae3d.train.config: one declaration per field with its type, default and help);
+each also takes --config FILE (a JSON object of the same fields; flags given override it) and
+--print-config (print the resolved config as JSON and exit).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import runpy
 import signal
 import sys
+import typing
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 EXIT_USER, EXIT_NONFINITE, EXIT_INTERRUPTED, EXIT_TERMINATED = 2, 3, 130, 143
+# mae3d bench --op NAME runs the module bench.NAME (bench/ of a source checkout)
+BENCH_SCRIPTS = ("masked_norm", "window_attention", "sparse_conv", "s3d", "bertswin", "swinunetr",
+                 "convergence")  # modules of the bench package: python -m bench.<name>
+_COMMANDS = {  # subcommand -> (config class name in mae3d.train.config, help)
+    "pretrain": ("PretrainConfig", "masked-autoencoder pre-training (S3D, BertsWin, ViT-MAE)"),
+    "finetune": ("FinetuneConfig", "segmentation fine-tuning from a pre-trained S3D encoder"),
+    "reconstruct": ("ReconstructConfig", "figure: input, masked input, reconstruction, error"),
+    "demo": ("DemoConfig", "short S3D + BertsWin pre-training on MNI152 (CPU, minutes)"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -29,73 +47,96 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USER, f"{self.prog}: {message} (see {self.prog} --help)\n")
 
 
-def _pretrain_parser(sub) -> None:
-    p = sub.add_parser("pretrain", help="masked-autoencoder pre-training (S3D, BertsWin, ViT-MAE)")
-    p.add_argument("--model", help="s3d | bertswin | vitmae (default s3d)")
-    p.add_argument("--data", help="NIfTI folder, glob, file(s) (comma-separated) or 'mni152'")
-    p.add_argument("--out", help="run directory: checkpoints, log.csv (default runs/pretrain)")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int, help="per process (per GPU under torchrun)")
-    p.add_argument("--patch-size", type=int, help="edge of the cubic crop in voxels")
-    p.add_argument("--mask-ratio", type=float)
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the model's recipe)")
-    p.add_argument("--amp", choices=["bf16", "off"], help="bf16 autocast")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from the latest checkpoint in --out")
-    p.add_argument("--config", help="JSON file of options (flags given here override it)")
-    p.add_argument("--size", help="tiny | small | base (base = published configuration)")
-    p.add_argument("--seed", type=int)
-    p.add_argument("--save-every", type=int, help="checkpoint period in steps")
-    p.add_argument("--workers", type=int, help="data-loader worker processes")
-    p.add_argument("--spacing", type=float, help="target voxel spacing in mm (default 1)")
-    p.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this long")
-    p.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=30, width=100)
+
+
+def _config_class(cmd: str):
+    from mae3d.train import config
+
+    return getattr(config, _COMMANDS[cmd][0])
+
+
+def _base_type(tp: Any) -> Any:
+    """``X`` of ``X | None`` (and of ``dict[str, Any]``: dict)."""
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if args and type(None) in typing.get_args(tp):
+        tp = args[0]
+    return typing.get_origin(tp) or tp
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    md = f.metadata
+    if md.get("default_help"):
+        return str(md["default_help"])
+    if f.default is not dataclasses.MISSING:
+        v = f.default
+    elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        v = f.default_factory()  # type: ignore[misc]
+    else:
+        return ""
+    return json.dumps(v) if isinstance(v, (bool, dict, list)) or v is None else str(v)
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    """One argument per field of the config dataclass ``cls``: ``--field-name`` (``-`` for
+    ``_``), its type from the annotation (bool -> ``--x / --no-x``, dict -> JSON), its help and
+    default from the field's ``option(...)`` metadata. Defaults are not set on the namespace
+    (``argparse.SUPPRESS``): only flags given override the config file and the defaults."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        md, tp = f.metadata, _base_type(hints[f.name])
+        default = _default_text(f)
+        required = f.default is dataclasses.MISSING and \
+            f.default_factory is dataclasses.MISSING  # type: ignore[misc]
+        text = md.get("help", "") + (" (required)" if required and not md.get("positional")
+                                     else f" (default: {default})" if default else "")
+        text = text.replace("%", "%%")
+        if md.get("positional"):
+            parser.add_argument(f.name, help=text, metavar=md.get("metavar") or f.name.upper())
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kw: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": text}
+        if tp is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+            continue
+        kw["type"] = _json_object if tp is dict else tp
+        if md.get("choices"):
+            kw["choices"] = md["choices"]
+        kw["metavar"] = md.get("metavar") or ("{" + ",".join(md["choices"]) + "}"
+                                              if md.get("choices") else f.name.upper())
+        parser.add_argument(flag, **kw)
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help="JSON object of the options above (keys: their names with _ or -); "
+                             "flags given here override it")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved options as JSON (usable as --config) and exit")
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="mae3d", description=__doc__,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    sub.add_parser("env", help="print versions, extension status and the backend of each op")
-    bench = sub.add_parser("bench", help="run an op or model benchmark and print its table")
-    bench.add_argument("--op", default="masked_norm",
-                       choices=["masked_norm", "window_attention", "sparse_conv", "s3d",
-                                "bertswin", "swinunetr"])
-    _pretrain_parser(sub)
-    r = sub.add_parser("reconstruct", help="PNG of input / masked input / reconstruction")
-    r.add_argument("checkpoint", help="run directory or checkpoint folder")
-    r.add_argument("--data", default="mni152",
-                   help="NIfTI file, folder, glob, comma-separated files or 'mni152' (the first "
-                        "readable volume is used)")
-    r.add_argument("--out", default="reconstruction.png",
-                   help="image path (.png unless it ends in .pdf / .svg / .jpg)")
-    r.add_argument("--seed", type=int, default=0, help="seed of the mask")
-    f = sub.add_parser("finetune", help="segmentation fine-tuning from a pre-trained S3D encoder")
-    f.add_argument("--pretrained", required=True, help="pre-training checkpoint, or 'none'")
-    f.add_argument("--data", default="mni152",
-                   help="image NIfTI file, folder, glob, comma-separated files or 'mni152'")
-    f.add_argument("--labels", help="label NIfTI file(s) (integers 0..C-1) on the images' grids, "
-                                    "paired with --data in sorted order; not with --data mni152")
-    f.add_argument("--out", default="runs/finetune")
-    f.add_argument("--steps", type=int, default=200)
-    f.add_argument("--batch-size", type=int, default=2)
-    f.add_argument("--patch-size", type=int, default=None, help="default: the checkpoint's")
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--spacing", type=float, default=None, help="mm (default: the checkpoint's)")
-    f.add_argument("--size", default="small", help="network size with --pretrained none")
-    f.add_argument("--seed", type=int, default=0)
-    f.add_argument("--device", default="auto")
-    f.add_argument("--decoder-warmup", type=int, help="steps (default steps // 10)")
-    f.add_argument("--full-warmup", type=int, help="steps (default steps // 10)")
-    f.add_argument("--model", default="s3d", help=argparse.SUPPRESS)  # with --pretrained none
-    f.add_argument("--no-progress", dest="progress", action="store_false")
-    d = sub.add_parser("demo", help="short S3D + BertsWin pre-training on MNI152 (CPU, minutes)")
-    d.add_argument("--out", default="mae3d-demo")
-    d.add_argument("--minutes", type=float, default=4.0, help="time budget for both models")
-    d.add_argument("--models", default="s3d,bertswin")
+    parser = _Parser(prog="mae3d", description=__doc__, formatter_class=_HelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+    for cmd, (_, text) in _COMMANDS.items():
+        cls = _config_class(cmd)
+        p = sub.add_parser(cmd, help=text, description=f"mae3d {cmd}: {text}.",
+                           formatter_class=_HelpFormatter)
+        add_config_arguments(p, cls)
     sub.add_parser("flops", help="print the FLOP-parity table")
+    sub.add_parser("env", help="print versions, extension status and the backend of each op")
+    bench = sub.add_parser("bench", add_help=False,
+                           help="run a benchmark script (mae3d bench --op NAME --help: its flags)")
+    bench.add_argument("--op", default="masked_norm", choices=list(BENCH_SCRIPTS))
     return parser
 
 
@@ -163,6 +204,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def config_from_args(cmd: str, args: argparse.Namespace):
+    """The validated config of ``cmd``: its defaults, then ``--config``, then the flags given."""
+    from mae3d.train.config import load_config_file
+
+    cls = _config_class(cmd)
+    values = load_config_file(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(cls)}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    return cls.from_dict(values, source=args.config or "options").validate()
+
+
 def _dispatch(args: argparse.Namespace, rest: list[str]) -> int:
     if args.cmd == "env":
         from mae3d.env import main as env_main
@@ -170,16 +222,17 @@ def _dispatch(args: argparse.Namespace, rest: list[str]) -> int:
         env_main()
         return 0
     if args.cmd == "bench":
-        return _bench(args, rest)
+        return _bench(args.op, rest)
+    if args.cmd == "flops":
+        return _flops()
+    cfg = config_from_args(args.cmd, args)
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
     if args.cmd == "pretrain":
-        from mae3d.train.config import PretrainConfig, load_config_file
-        from mae3d.train.loop import pretrain
+        from mae3d.train.loop import run_pretrain
 
-        values = load_config_file(args.config) if args.config else {}
-        values.update({k: v for k, v in vars(args).items()
-                       if v is not None and k not in ("cmd", "config")})
-        cfg = PretrainConfig.from_dict(values, source=args.config or "options")
-        res = pretrain(cfg)
+        res = run_pretrain(cfg)
         if res.status == "interrupted":
             name = "SIGTERM" if res.signal == signal.SIGTERM else "Ctrl-C"
             print(f"mae3d pretrain: interrupted at step {res.step} ({name}); checkpoint "
@@ -190,25 +243,21 @@ def _dispatch(args: argparse.Namespace, rest: list[str]) -> int:
                   f"log {os.path.join(res.out, 'log.csv')}")
         return 0
     if args.cmd == "reconstruct":
-        from mae3d.train.reconstruct import reconstruct
+        from mae3d.train.reconstruction import reconstruct
 
-        path = reconstruct(args.checkpoint, args.data, args.out, seed=args.seed)
+        path = reconstruct(cfg.checkpoint, cfg.data, cfg.out, seed=cfg.seed)
         print(f"mae3d reconstruct: wrote {path}")
         return 0
     if args.cmd == "finetune":
-        from mae3d.train.config import FinetuneConfig
-        from mae3d.train.finetune import finetune
+        from mae3d.train.finetuning import run_finetune
 
-        finetune(FinetuneConfig(**{k: v for k, v in vars(args).items() if k != "cmd"}))
+        run_finetune(cfg)
         return 0
     if args.cmd == "demo":
         from mae3d.train.demo import run_demo
 
-        run_demo(args.out, args.minutes,
-                 tuple(m.strip() for m in args.models.split(",") if m.strip()))
+        run_demo(cfg.out, cfg.minutes, cfg.model_list)
         return 0
-    if args.cmd == "flops":
-        return _flops()
     return EXIT_USER
 
 
@@ -219,18 +268,47 @@ def _flops() -> int:
     return 0
 
 
-def _bench(args: argparse.Namespace, rest: list[str]) -> int:
+@contextmanager
+def _one_line_argparse_errors(prog: str) -> Iterator[None]:
+    """While a benchmark script runs: its argparse errors as one line (exit 2), like ours."""
+    original = argparse.ArgumentParser.error
+
+    def error(self, message: str):
+        self.exit(EXIT_USER, f"{prog}: {message} (see {prog} --help)\n")
+
+    argparse.ArgumentParser.error = error  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        argparse.ArgumentParser.error = original  # type: ignore[method-assign]
+
+
+def _bench(op: str, rest: list[str]) -> int:
+    """Run the benchmark module ``bench.<op>`` with the remaining arguments (its own flags; --help
+    prints them)."""
     from mae3d.errors import UserError
 
-    script = os.path.join(_repo_root(), "bench", f"bench_{args.op}.py")
+    script = os.path.join(_repo_root(), "bench", f"{op}.py")
     if not os.path.exists(script):
         raise UserError(f"{script} not found (benchmarks run from a source checkout)")
-    sys.argv = [script, *rest]
-    sys.path.insert(0, os.path.dirname(script))  # as `python bench/bench_x.py` would
+    prog = f"mae3d bench --op {op}"
+    if "-h" in rest or "--help" in rest:
+        print(f"usage: mae3d bench [--op {{{','.join(BENCH_SCRIPTS)}}}] [flags of the script]\n"
+              f"runs python -m bench.{op} (default --op masked_norm); its flags:\n")
+    argv, path = sys.argv, list(sys.path)
+    sys.argv = [prog, *rest]  # argparse names the script by sys.argv[0]
+    sys.path.insert(0, _repo_root())  # as `python -m bench.<op>` from the checkout would
+    name = f"bench.{op}"
+    imported = sys.modules.pop(name, None)  # run as __main__ afresh, as `python -m` would
     try:
-        runpy.run_path(script, run_name="__main__")
+        with _one_line_argparse_errors(prog):
+            runpy.run_module(name, run_name="__main__")
     except SystemExit as e:  # the script's own exit status (its flags are its own)
         return _exit_code(e)
+    finally:
+        sys.argv, sys.path[:] = argv, path
+        if imported is not None:
+            sys.modules[name] = imported
     return 0
 
 

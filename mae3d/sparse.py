@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from mae3d.masking import block_mask_at, upsample_block_mask
 from mae3d.nn.norm import MaskedBatchNorm3d, MaskedInstanceNorm3d
 from mae3d.nn.sparse_conv import SparseConv3d, sparse_conv_args
+from mae3d.ops._torch_backends.sparse_conv_plan import share as share_plans
 
 __all__ = ["MaskState", "active_mask", "mask_input", "sparsify"]
 
@@ -54,12 +55,18 @@ class MaskState:
     """The mask of the current forward, shared by the converted modules of one model.
 
     ``block_mask`` (B, gD, gH, gW) bool or None (no mask: every layer dense), ``block_size``
-    (voxels per cell edge at the model input, per axis), ``coarse`` ("dense" or "any")."""
+    (voxels per cell edge at the model input, per axis), ``coarse`` ("dense" or "any"),
+    ``max_active`` (the most True cells of ``block_mask`` in one sample, or None: lets the sparse
+    convs run without a host sync, see ``mae3d.ops.sparse_conv.sparse_conv3d``). A model
+    property set by ``sparsify``: ``active_grad_x`` (the sparse convs skip the input gradient
+    of inactive voxels)."""
 
     def __init__(self) -> None:
         self.block_mask: Tensor | None = None
         self.block_size: tuple[int, int, int] = (1, 1, 1)
         self.coarse: str = "dense"
+        self.max_active: int | None = None
+        self.active_grad_x: bool = False
 
     def at(
         self, spatial: Sequence[int], name: str = "", batch: int | None = None
@@ -140,11 +147,19 @@ class _MaskedConv3d(SparseConv3d):
     _dense_fallback = False
 
     def forward(
-        self, x: Tensor, block_mask: Tensor | None = None, block_size: int | None = None
+        self,
+        x: Tensor,
+        block_mask: Tensor | None = None,
+        block_size: int | None = None,
+        *,
+        max_active: int | None = None,
+        active_grad_x: bool = False,
     ) -> Tensor:
         state = _state(self)
         if block_mask is not None or state.block_mask is None:
-            return super().forward(x, block_mask, block_size)
+            return super().forward(
+                x, block_mask, block_size, max_active=max_active, active_grad_x=active_grad_x
+            )
         name = _label(self)
         n_in = tuple(x.shape[2:])
         n_out = _conv_out(self, n_in)
@@ -155,6 +170,9 @@ class _MaskedConv3d(SparseConv3d):
             return nn.Conv3d.forward(self, x)
         if src is not None and not self._dense_fallback:
             m, blk = src
+            bound = state.max_active
+            if bound is not None and m.shape[1:] != state.block_mask.shape[1:]:
+                bound = min(bound, math.prod(m.shape[1:]))  # pooled cells ("any"): no more
             # Cells that differ per axis refine to cubic cells of their gcd: the same voxel mask,
             # which the op (one block size) runs exactly when the stride divides the cell.
             c = blk[0] if blk[0] == blk[1] == blk[2] else math.gcd(*blk)
@@ -162,7 +180,8 @@ class _MaskedConv3d(SparseConv3d):
                 for axis, b in enumerate(blk):
                     if b != c:
                         m = m.repeat_interleave(b // c, dim=axis + 1)
-                return super().forward(x, m, c)
+                        bound = None if bound is None else bound * (b // c)
+                return super().forward(x, m, c, max_active=bound, active_grad_x=state.active_grad_x)
         return _remask(nn.Conv3d.forward(self, x), dst)
 
 
@@ -219,6 +238,12 @@ class MaskedAvgPool3d(nn.AvgPool3d):
         state = _state(self)
         if state.block_mask is None:
             return y
+        if (
+            x.dim() == 5
+            and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last_3d)
+        ):  # the CPU pool returns NCDHW: keep a channels-last model channels-last
+            y = y.contiguous(memory_format=torch.channels_last_3d)
         _check_aligned(self, x.shape[2:], y.shape[2:], _ints(self.stride), up=False)
         return _remask(y, state.at(y.shape[2:], _label(self), y.shape[0]))
 
@@ -296,10 +321,18 @@ def _size_check_hook(mod: nn.Module, args, out) -> None:
         )
 
 
-def sparsify(model: nn.Module, *, strict: bool = False) -> nn.Module:
+def sparsify(model: nn.Module, *, strict: bool = False, active_grad_x: bool = False) -> nn.Module:
     """Convert, in place, the 3D convs, transposed convs, norms, pools and upsamplings of
     ``model`` into mask-aware versions that share one ``MaskState``; returns the model.
     state_dict keys and values are unchanged.
+
+    ``active_grad_x=True``: the sparse convs compute their input gradient on active voxels only
+    (the halo gradient on inactive voxels is skipped). Parameter gradients stay exact only when
+    every consumer of each sparse conv's input gradient drops inactive voxels: each conv input is
+    a masked norm's output, a re-masked pool or transposed conv, or the masked input (plus
+    residual sums of those), as in nnU-Net ResEnc encoders; S3D turns it on. Off by default: an
+    arbitrary model may feed a conv from a layer that is not mask-aware. Converting again sets it
+    anew.
 
     Only modules of exactly these torch (or mae3d) classes are converted: a subclass may have its
     own forward, which a class swap would drop. A Conv3d the sparse op cannot run (kernel not
@@ -309,7 +342,10 @@ def sparsify(model: nn.Module, *, strict: bool = False) -> nn.Module:
     Leaf modules of other types get a forward hook that raises, naming them, if they change the
     spatial size while a mask is active. Converting twice is a no-op.
     """
+    if not isinstance(active_grad_x, bool):
+        raise TypeError(f"sparsify: active_grad_x must be a bool, got {active_grad_x!r}")
     state = getattr(model, _STATE_ATTR, None) or MaskState()
+    state.active_grad_x = active_grad_x
     object.__setattr__(model, _STATE_ATTR, state)
     for name, mod in model.named_modules():
         label = name or type(model).__name__
@@ -352,13 +388,20 @@ def _complain(strict: bool, msg: str) -> None:
 
 @contextlib.contextmanager
 def active_mask(
-    model: nn.Module, block_mask: Tensor, block_size: int | Sequence[int], coarse: str = "dense"
+    model: nn.Module,
+    block_mask: Tensor,
+    block_size: int | Sequence[int],
+    coarse: str = "dense",
+    *,
+    max_active: int | None = None,
 ) -> Iterator[MaskState]:
     """Run ``model`` (converted by ``sparsify``) with ``block_mask`` (B, gD, gH, gW), True =
     visible, of ``block_size`` voxels per cell edge (an int, or one per axis) at the model's
     input. Every layer reads the mask at its own resolution (``mae3d.masking.block_mask_at``);
-    ``coarse``: "dense" or "any", for feature maps coarser than the mask grid. Nests; restores
-    the previous mask."""
+    ``coarse``: "dense" or "any", for feature maps coarser than the mask grid. ``max_active``:
+    the most True cells of ``block_mask`` in any one sample when known (an MAE mask's visible
+    count, ``mae3d.masking.visible_count``): the sparse convs then need no host sync on CUDA; a
+    sample with more raises in the sparse conv. Nests; restores the previous mask."""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise ValueError("active_mask: the model was not converted by mae3d.sparsify")
@@ -379,12 +422,21 @@ def active_mask(
             f"ints, got {block_size!r}"
         )
     bs = tuple(bs)
-    prev = (state.block_mask, state.block_size, state.coarse)
-    state.block_mask, state.block_size, state.coarse = block_mask.bool(), bs, coarse
+    if max_active is not None and (
+        not isinstance(max_active, int) or isinstance(max_active, bool) or max_active < 0
+    ):
+        raise ValueError(f"active_mask: max_active must be None or an int >= 0, got {max_active!r}")
+    prev = (state.block_mask, state.block_size, state.coarse, state.max_active)
+    # A private copy: the packed sparse convs may then reuse their block lists and indices
+    # across the layers and passes that see it (a caller's tensor could change unseen).
+    own = block_mask.to(torch.bool, copy=True)
+    share_plans(own)
+    state.block_mask, state.block_size, state.coarse = own, bs, coarse
+    state.max_active = max_active
     try:
         yield state
     finally:
-        state.block_mask, state.block_size, state.coarse = prev
+        state.block_mask, state.block_size, state.coarse, state.max_active = prev
 
 
 def mask_input(x: Tensor, block_mask: Tensor, block_size: int | Sequence[int]) -> Tensor:

@@ -1,35 +1,20 @@
-"""bench/convergence.py: the --quick run end to end (CSV rows of both models, PNG, JSON), the
-held-out metric against a hand-computed answer, and the errors a user can cause."""
+"""bench.convergence: the --quick run end to end (CSV rows of the three runs - BertsWin +
+GradientConductor, BertsWin + AdamW, ViT-MAE + AdamW - PNG, JSON), that the runs see the same
+crops and masks, the held-out metric against a hand-computed answer, and the errors a user can
+cause."""
 
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
+from bench import convergence as conv
 from mae3d.models.base import MAEOutput
-
-_PATH = Path(__file__).resolve().parents[1] / "bench" / "convergence.py"
-
-
-def _load():
-    name = "mae3d_bench_convergence"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, _PATH)
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod  # dataclasses look the module up while the file executes
-        spec.loader.exec_module(mod)
-    return sys.modules[name]
-
-
-conv = _load()
 
 
 class _ZeroMasked(nn.Module):
@@ -74,14 +59,27 @@ def test_masked_mse_known_answer():
 
 
 def test_steps_to_reach():
-    rows = [{"model": "a", "step": s, "eval_mse": e} for s, e in ((0, 3.0), (1, ""), (2, 1.5),
-                                                                   (4, 0.9))]
+    rows = [{"run": "a", "step": s, "eval_mse": e} for s, e in ((0, 3.0), (1, ""), (2, 1.5),
+                                                                 (4, 0.9))]
     assert conv.steps_to_reach(rows, "a", 1.5) == 2
     assert conv.steps_to_reach(rows, "a", 0.5) is None
     assert conv.steps_to_reach(rows, "b", 9.0) is None
 
 
-def test_quick_run_writes_csv_png_json(tmp_path, capsys):
+def test_quick_run_writes_csv_png_json(tmp_path, capsys, monkeypatch):
+    # every run must see the same micro-batches: record what the loop feeds the models
+    from mae3d.train import step as step_module
+
+    seen: dict[str, list] = {}
+    real = step_module.mae_loss
+
+    def spy(model, x, mask):
+        loss = getattr(model, "loss", "")
+        key = f"{type(model).__name__}/{loss if isinstance(loss, str) else ''}"
+        seen.setdefault(key, []).append((x.clone(), mask.clone()))
+        return real(model, x, mask)
+
+    monkeypatch.setattr("mae3d.train.loop.mae_loss", spy)
     out = tmp_path / "out"
     rc = conv.main(["--quick", "--threads", "2", "--device", "cpu", "--out", str(out),
                     "--cache-dir", str(tmp_path / "cache")])
@@ -92,9 +90,11 @@ def test_quick_run_writes_csv_png_json(tmp_path, capsys):
         rows = list(csv.DictReader(f))
     assert tuple(rows[0]) == conv.COLUMNS
     s = conv.parse_args(["--quick"])
-    for name in conv.MODELS:
-        mine = [r for r in rows if r["model"] == name]
+    assert set(r["run"] for r in rows) == set(conv.RUNS)
+    for name in conv.RUNS:
+        mine = [r for r in rows if r["run"] == name]
         assert [int(r["step"]) for r in mine] == list(range(s.steps + 1))
+        assert (mine[0]["model"], mine[0]["recipe"]) == tuple(name.split("+"))
         assert mine[0]["train_loss"] == ""  # step 0: evaluation before training
         losses = [float(r["train_loss"]) for r in mine[1:]]
         assert all(math.isfinite(v) and v > 0 for v in losses)
@@ -104,26 +104,37 @@ def test_quick_run_writes_csv_png_json(tmp_path, capsys):
         secs = [float(r["seconds"]) for r in mine]
         assert secs == sorted(secs) and secs[-1] > 0
         assert len({r["params"] for r in mine}) == 1 and int(mine[0]["params"]) > 1000
+    # three runs (BertsWin with LCS under gcond, with L2 under AdamW; ViT-MAE), each fed the
+    # same steps x micro-batches of crops and masks, in the same order
+    assert sorted(seen) == ["BertsWin/l2", "BertsWin/lcs", "ViTMAE3d/"]
+    feeds = list(seen.values())
+    assert len(feeds[0]) == s.steps * s.accumulation_steps
+    for other in feeds[1:]:
+        assert len(other) == len(feeds[0])
+        assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+                   for a, b in zip(feeds[0], other))
     png = csvs[0].with_suffix(".png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     meta = json.loads(csvs[0].with_suffix(".json").read_text())
-    assert set(meta["summary"]["models"]) == set(conv.MODELS)
+    assert set(meta["summary"]["runs"]) == set(conv.RUNS)
+    assert {"gcond_vs_adamw", "bertswin_vs_vitmae"} <= set(meta["summary"])
     assert meta["settings"]["patch_size"] == 32 and meta["settings"]["amp"] is False
     text = capsys.readouterr().out
-    assert "bertswin" in text and "vitmae" in text and "steps/s" in text
+    assert all(r in text for r in conv.RUNS) and "steps/s" in text
 
 
 def test_bad_input(tmp_path, capsys):
-    with pytest.raises(SystemExit):
-        conv.parse_args(["--models", "bertswin,unet"])
-    with pytest.raises(SystemExit):
-        conv.parse_args(["--steps", "0"])
-    with pytest.raises(SystemExit):
-        conv.parse_args(["--vitmae-kw", "[1, 2]"])
+    for argv in (["--runs", "bertswin+gcond,unet+adamw"], ["--runs", "vitmae+gcond"],
+                 ["--runs", "bertswin"], ["--models", "bertswin,unet"], ["--steps", "0"],
+                 ["--vitmae-kw", "[1, 2]"], ["--vitmae-kw", '{"patch_size": 8}']):
+        with pytest.raises(SystemExit):
+            conv.parse_args(argv)
+    assert "--vitmae-kw" in capsys.readouterr().err
     rc = conv.main(["--quick", "--patch-size", "40", "--out", str(tmp_path)])
     assert rc == 2
     assert "patch" in capsys.readouterr().err
     assert not list(tmp_path.glob("convergence-*"))
-    with pytest.raises(SystemExit):
-        conv.parse_args(["--vitmae-kw", '{"patch_size": 8}'])
-    assert "--vitmae-kw" in capsys.readouterr().err
+    s = conv.parse_args(["--quick", "--models", "bertswin,vitmae", "--lr", "1e-3",
+                         "--lr-gcond", "2e-3"])
+    assert s.runs == ("bertswin+adamw", "vitmae+adamw")
+    assert s.lr == {"gcond": 2e-3, "adamw": 1e-3}

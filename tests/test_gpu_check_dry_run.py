@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ STAGES = [
     "ops_sparse_conv",
     "design",
     "models_bertswin",
+    "models_swinunetr",
     "models_s3d",
     "tests",
 ]
@@ -67,6 +69,15 @@ def test_gpu_plan_dry_run(tmp_path):
         "assemble_token_grid",
     }
     assert all(r["ok"] == "True" for r in smoke)
+    with open(out / "design.csv", newline="") as f:
+        design = [r for r in csv.DictReader(f) if r["question"] == "sparse_conv"]
+    # the sparse-conv design question: every provider measured, none failed
+    assert {r["variant"] for r in design if r["metric"] == "fwd+bwd_ms"} == {
+        "triton",
+        "dense_mask",
+        "packed",
+    }
+    assert not [r for r in design if r["metric"].endswith("_error")], design
     with open(out / "gpu.csv", newline="") as f:
         ops = {r["op"] for r in csv.DictReader(f)}
     assert {
@@ -74,5 +85,23 @@ def test_gpu_plan_dry_run(tmp_path):
         "window_attention3d",
         "sparse_conv3d",
         "bertswin_step",
+        "swinunetr_encoder",
         "s3d_step",
     } <= ops
+
+
+def test_gpu_plan_budgets_fit_the_deadline():
+    """Every stage before the test suite gets its whole budget within the default deadline, and
+    the deadline plus the ~25 s of setup stays within the 9-minute device call."""
+    text = (REPO / "scripts" / "gpu_check.sh").read_text()
+    deadline = int(re.search(r"deadline=\$\{MAE3D_GPU_DEADLINE:-.*\|\| echo (\d+)\)\}", text)[1])
+    budgets = dict(re.findall(r"^stage (\w+) (\d+) ", text, flags=re.M))
+    assert list(budgets) == STAGES
+    before_tests = sum(int(b) for name, b in budgets.items() if name != "tests")
+    assert before_tests <= deadline, (before_tests, deadline)
+    assert deadline + 25 <= 9 * 60
+    # the header table states the same budgets
+    for name, budget in budgets.items():
+        if name != "tests":
+            assert re.search(rf"^#   {name} +{budget} ", text, flags=re.M), name
+    assert f"sum to {before_tests} <= the {deadline} s deadline" in text

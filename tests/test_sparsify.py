@@ -553,3 +553,103 @@ def test_active_mask_checks_block_size_and_batch():
     with pytest.raises(ValueError, match="block_mask must be"):
         with active_mask(model, m.float(), 4):
             pass
+
+
+@pytest.fixture(params=["cost rule", "packed", "reference"])
+def conv_path(request, monkeypatch):
+    """The sparse convs on the packed backend (its cost rule, or every layer packed) or the dense
+    reference backend."""
+    from mae3d.ops import use_backend
+    from mae3d.ops._torch_backends import sparse_conv_plan
+
+    if request.param == "packed":
+        monkeypatch.setattr(sparse_conv_plan, "packed_is_cheaper", lambda *a, **k: True)
+    with use_backend(sparse_conv3d="reference" if request.param == "reference" else "packed"):
+        yield request.param
+
+
+@pytest.mark.parametrize("ratio", [0.5, 0.75])
+def test_active_grad_x_keeps_parameter_gradients(conv_path, ratio):
+    """sparsify(active_grad_x=True) on a ResEnc encoder: the same outputs and parameter
+    gradients; the input's gradient is the full one on visible voxels and 0 on masked voxels,
+    where the full one is not (the halo's gradient, which every consumer drops)."""
+    torch.manual_seed(0)
+    dense = TinyResEnc().double()
+    full, act = sparsify(copy.deepcopy(dense)), sparsify(copy.deepcopy(dense), active_grad_x=True)
+    m = random_block_mask(2, SIZE // BLOCK, ratio, generator=torch.Generator().manual_seed(2))
+    vis = upsample_block_mask(m, BLOCK, (SIZE,) * 3)
+    x0 = mask_input(torch.randn(2, 1, SIZE, SIZE, SIZE, dtype=torch.float64), m, BLOCK)
+    results = []
+    for model in (full, act):
+        x = x0.clone().requires_grad_(True)
+        with active_mask(model, m, BLOCK, max_active=int(m.flatten(1).sum(1).max())):
+            out = model(x)
+        gys = [
+            torch.randn(o.shape, generator=torch.Generator().manual_seed(3), dtype=o.dtype)
+            for o in out
+        ]
+        loss = sum((o * gy).sum() for o, gy in zip(out, gys))
+        grads = torch.autograd.grad(loss, [x, *model.parameters()])
+        results.append((out, grads))
+    (out_f, (gx_f, *gp_f)), (out_a, (gx_a, *gp_a)) = results
+    for a, b in zip(out_a, out_f):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    for (name, _), a, b in zip(full.named_parameters(), gp_a, gp_f):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-9, msg=name)
+    torch.testing.assert_close(gx_a, torch.where(vis, gx_f, 0.0), atol=1e-12, rtol=1e-9)
+    assert gx_a[~vis.expand_as(gx_a)].abs().max() == 0
+    assert gx_f[~vis.expand_as(gx_f)].abs().max() > 0  # there was a halo gradient to skip
+
+
+def test_sparsify_active_grad_x_and_max_active_are_checked():
+    model = sparsify(TinyResEnc())
+    with pytest.raises(TypeError, match="active_grad_x must be a bool"):
+        sparsify(model, active_grad_x=1)
+    m = random_block_mask(2, SIZE // BLOCK, 0.75, generator=torch.Generator().manual_seed(2))
+    with pytest.raises(ValueError, match="max_active must be None or an int"):
+        with active_mask(model, m, BLOCK, max_active=-1):
+            pass
+    # a mask with more visible cells in a sample than announced raises in the first sparse conv
+    x = mask_input(torch.randn(2, 1, SIZE, SIZE, SIZE), m, BLOCK)
+    with active_mask(model, m, BLOCK, max_active=int(m.flatten(1).sum(1).max()) - 1):
+        with pytest.raises(ValueError, match="max_active"):
+            model(x)
+    assert model._mae3d_mask_state.max_active is None  # restored on the way out
+
+
+def test_active_mask_shares_plans_of_a_private_copy(monkeypatch):
+    """active_mask runs the layers on its own copy of the mask, registered so the packed convs
+    reuse their block lists across layers and passes: a caller changing its mask later (even
+    where torch cannot see it) changes nothing that was planned, and nothing outlives the pass."""
+    import gc
+
+    from mae3d.ops import use_backend
+    from mae3d.ops._torch_backends import sparse_conv_plan
+
+    monkeypatch.setattr(sparse_conv_plan, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(sparse_conv_plan, "packed_is_cheaper", lambda *a, **k: True)
+    torch.manual_seed(0)
+    model = sparsify(TinyResEnc(), active_grad_x=True)
+    m = random_block_mask(2, SIZE // BLOCK, 0.5, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(2, 1, SIZE, SIZE, SIZE)
+    before = len(sparse_conv_plan._SHARED)
+
+    def run(mask):
+        with use_backend(sparse_conv3d="packed"):
+            with active_mask(
+                model, mask, BLOCK, max_active=int(mask.flatten(1).sum(1).max())
+            ) as st:
+                assert st.block_mask is not mask and torch.equal(st.block_mask, mask)
+                assert id(st.block_mask) in sparse_conv_plan._SHARED
+                out = model(mask_input(x, mask, BLOCK))
+            grads = torch.autograd.grad(sum(o.square().sum() for o in out), model.parameters())
+        return [o.detach() for o in out], grads
+
+    first = run(m)
+    m.numpy()[0] = m.numpy()[0][::-1].copy()  # unseen by the version counter; same counts
+    second, fresh = run(m), run(m.clone())
+    for a, b in zip([*second[0], *second[1]], [*fresh[0], *fresh[1]]):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert not torch.equal(first[0][0], second[0][0])
+    gc.collect()
+    assert len(sparse_conv_plan._SHARED) == before

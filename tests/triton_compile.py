@@ -2,29 +2,26 @@
 
 The Triton interpreter (how CI runs the kernels) accepts code that the GPU compiler rejects: a
 global that is not a ``tl.constexpr``, a ``tl.dot`` whose accumulator dtype differs from its
-``out_dtype``, a block too small for the tensor cores. ``python tests/triton_compile.py [ARCH]``
-closes that gap: in a process *without* the interpreter it runs small forward + backward passes
-of every op (several dtypes and layouts) on meta tensors inside ``bench/sm90.fake_gpu``,
+``out_dtype``, a block too small for the tensor cores. ``PYTHONPATH=. python
+tests/triton_compile.py [ARCH]`` (from the repository root) closes that gap: in a process
+*without* the interpreter it runs small forward + backward passes of every op (several dtypes
+and layouts) on meta tensors inside ``bench/sm90.fake_gpu``,
 so each launch goes through Triton's own JIT path for an sm_ARCH target (default 90, Hopper):
 the launch arguments are specialized as on a GPU (16-divisibility of pointers and ints, ints
 equal to 1), then compiled through TTIR, TTGIR, LLVM IR, PTX and ptxas to a cubin, all on the
 CPU, and never run. The same machinery makes the production-shape report
-(``bench/static_report.py``). It prints one line per failure and the kernels compiled.
+(``python -m bench.static_report``). It prints one line per failure and the kernels compiled.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent), str(HERE)]
+import torch
 
-import torch  # noqa: E402
-
-from bench.sm90 import fake_gpu  # noqa: E402
-from mae3d.masking import random_block_mask, random_voxel_mask  # noqa: E402
-from mae3d.ops import use_backend  # noqa: E402
+from bench.sm90 import fake_gpu
+from mae3d.masking import random_block_mask, random_voxel_mask
+from mae3d.ops import use_backend
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float64)
 DEV = "meta"

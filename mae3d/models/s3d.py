@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from mae3d.masking import random_block_mask, upsample_block_mask
+from mae3d.masking import random_block_mask, upsample_block_mask, visible_count
 from mae3d.models.base import MAEOutput
 from mae3d.models.resenc import ConvNormAct, ResEncUNet
 from mae3d.models.s3d_export import adaptation_plan, export_pretrained, load_pretrained_encoder
@@ -94,7 +94,9 @@ class S3D(nn.Module):
         self.efficient, self.coarse = bool(efficient), coarse
         self.in_channels = backbone.in_channels
         self.backbone = backbone
-        enc = sparsify(backbone.encoder, strict=True)
+        # Every conv input of the ResEnc encoder is the masked input, a masked norm's output or a
+        # residual sum of those: the halo's input gradient is dropped downstream anyway.
+        enc = sparsify(backbone.encoder, strict=True, active_grad_x=True)
         for mod in enc.modules():
             if isinstance(mod, ConvNormAct) and hasattr(mod, "nonlin"):
                 mod.norm.negative_slope = mod.nonlin.negative_slope  # fused into the masked norm
@@ -137,11 +139,20 @@ class S3D(nn.Module):
         return random_block_mask(x.shape[0], grid, self.mask_ratio, generator=generator,
                                  device=x.device, count=self.mask_count)
 
-    def _mask(self, x: Tensor, mask: Tensor | None) -> Tensor:
+    def max_visible(self, grid: Sequence[int]) -> int:
+        """The most visible cells per sample of the masks this model draws on ``grid``
+        (``mae3d.masking.visible_count`` at the lowest ratio of its range)."""
+        lo = self.mask_ratio if isinstance(self.mask_ratio, float) else self.mask_ratio[0]
+        cells = grid[0] * grid[1] * grid[2]
+        return visible_count(cells, lo, self.mask_count)
+
+    def _mask(self, x: Tensor, mask: Tensor | None, max_active: int | None = None
+              ) -> tuple[Tensor, int | None]:
+        """(mask, the most visible cells per sample: known for a drawn mask, else as given)."""
         grid = self._check_input(x)
         if mask is None:
             return random_block_mask(x.shape[0], grid, self.mask_ratio, device=x.device,
-                                     count=self.mask_count)
+                                     count=self.mask_count), self.max_visible(grid)
         want = (x.shape[0], *grid)
         if not isinstance(mask, Tensor) or tuple(mask.shape) != want:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
@@ -151,16 +162,20 @@ class S3D(nn.Module):
             raise TypeError(f"S3D: mask must be bool (True = visible), got {mask.dtype}")
         if mask.device != x.device:
             raise ValueError(f"S3D: mask is on {mask.device} but x is on {x.device}")
-        return mask.bool()
+        return mask.bool(), max_active
 
     # -- model --------------------------------------------------------------------------------
-    def encode(self, x: Tensor,
-               mask: Tensor | None = None) -> tuple[list[Tensor], list[Tensor | None]]:
+    def encode(self, x: Tensor, mask: Tensor | None = None, *, max_active: int | None = None
+               ) -> tuple[list[Tensor], list[Tensor | None]]:
         """Sparse encoder on x (B, C, D, H, W) under the block mask (B, gD, gH, gW): per-stage
-        features (zero on masked voxels) and their voxel masks (B, 1, d, h, w) (None = dense)."""
-        mask = self._mask(x, mask)
+        features (zero on masked voxels) and their voxel masks (B, 1, d, h, w) (None = dense).
+        ``max_active``: the most visible cells per sample of a given mask, when known (a mask the
+        model draws has ``max_visible``): the sparse convs then run without a host sync on CUDA;
+        a sample with more raises."""
+        mask, max_active = self._mask(x, mask, max_active)
         enc = self.backbone.encoder
-        with active_mask(enc, mask, self.block_size, self.coarse) as state:
+        with active_mask(enc, mask, self.block_size, self.coarse,
+                         max_active=max_active) as state:
             skips = enc(mask_input(x, mask, self.block_size))
             vox = [state.voxels(f.shape[2:]) for f in skips]
         return skips, vox
@@ -177,10 +192,12 @@ class S3D(nn.Module):
             out.append(proj(f))
         return out
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> MAEOutput:
-        """x (B, C, D, H, W) -> MAEOutput(loss (fp32 scalar), reconstruction, mask)."""
-        mask = self._mask(x, mask)
-        skips, vox = self.encode(x, mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, *,
+                max_active: int | None = None) -> MAEOutput:
+        """x (B, C, D, H, W) -> MAEOutput(loss (fp32 scalar), reconstruction, mask);
+        ``max_active`` as in ``encode``."""
+        mask, max_active = self._mask(x, mask, max_active)
+        skips, vox = self.encode(x, mask, max_active=max_active)
         rec = self.backbone.decoder(self.densify(skips, vox))
         hidden = ~upsample_block_mask(mask, self.block_size, x.shape[2:])  # (B, 1, D, H, W)
         err = torch.where(hidden, (rec.float() - x.float()) ** 2, 0.0)

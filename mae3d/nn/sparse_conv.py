@@ -44,14 +44,17 @@ class SparseConv3d(nn.Conv3d):
     ``forward(x, block_mask, block_size)``: x (B, Cin, D, H, W) with zeros at masked voxels,
     block_mask (B, gD, gH, gW) bool (True = visible) at x's resolution with ``block_size`` voxels
     per cell edge; returns (B, Cout, Do, Ho, Wo), whose output cells are block_size // stride
-    voxels (dense when that is below 1). With ``block_mask=None`` it is nn.Conv3d.
+    voxels (dense when that is below 1). With ``block_mask=None`` it is nn.Conv3d. Keywords
+    ``max_active`` and ``active_grad_x``: as ``mae3d.ops.sparse_conv.sparse_conv3d``.
     """
 
     def forward(self, x: Tensor, block_mask: Tensor | None = None,
-                block_size: int | None = None) -> Tensor:
+                block_size: int | None = None, *, max_active: int | None = None,
+                active_grad_x: bool = False) -> Tensor:
         if block_mask is None:
             return super().forward(x)
         if block_size is None:
             raise ValueError(f"{type(self).__name__}: block_size is needed with a block_mask")
         stride, padding = sparse_conv_args(self)
-        return sparse_conv3d(x, self.weight, self.bias, block_mask, block_size, stride, padding)
+        return sparse_conv3d(x, self.weight, self.bias, block_mask, block_size, stride, padding,
+                             max_active=max_active, active_grad_x=active_grad_x)

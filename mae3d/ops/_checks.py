@@ -223,8 +223,8 @@ def window_attention3d_backward(grad_out, q, k, v, out, lse, table, window_size,
 # --------------------------------------------------------------------------------------------
 # sparse_conv3d
 # --------------------------------------------------------------------------------------------
-def sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding,
-                  op: str = "sparse_conv3d") -> None:
+def sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding, max_active=None,
+                  active_grad_x=False, op: str = "sparse_conv3d") -> None:
     tensor(op, "x", x)
     if x.dim() != 5:
         raise ValueError(f"{op}: x must be 5-D (B, Cin, D, H, W), got {tuple(x.shape)}")
@@ -266,6 +266,11 @@ def sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding,
     same_device(op, "block_mask", block_mask, "x", x)
     if any(conv_output_size(s, k, stride, padding) < 1 for s in x.shape[2:]):
         raise ValueError(f"{op}: x spatial size {tuple(x.shape[2:])} < kernel {k}")
+    if max_active is not None and (not is_int(max_active) or max_active < 0):
+        raise ValueError(f"{op}: max_active must be None or an int >= 0 (the most True cells "
+                         f"of block_mask in one sample), got {max_active!r}")
+    if not isinstance(active_grad_x, bool):
+        raise TypeError(f"{op}: active_grad_x must be a bool, got {active_grad_x!r}")
 
 
 def _same_as_x(op, name, t, x) -> None:
@@ -281,9 +286,10 @@ def sparse_conv_out_shape(x, weight, stride, padding) -> tuple:
 
 
 def sparse_conv3d_backward(grad_out, x, weight, block_mask, block_size, stride, padding,
-                           has_bias, needs_grad_x) -> None:
+                           has_bias, needs_grad_x, max_active=None, active_grad_x=False) -> None:
     op = "sparse_conv3d_backward"
-    sparse_conv3d(x, weight, None, block_mask, block_size, stride, padding, op)
+    sparse_conv3d(x, weight, None, block_mask, block_size, stride, padding, max_active,
+                  active_grad_x, op)
     like(op, "grad_out", grad_out, "x", x, sparse_conv_out_shape(x, weight, stride, padding))
     for name, v in (("has_bias", has_bias), ("needs_grad_x", needs_grad_x)):
         if not isinstance(v, bool):

@@ -58,6 +58,12 @@ BACKENDS = OpBackends(
 backend_for = BACKENDS.choose
 
 
+def _backend(device_type: str, backward: bool):
+    name = BACKENDS.choose(device_type)[0]
+    b = BACKENDS.get(name)
+    return name, (b.backward if backward else b.forward).load()
+
+
 @torch.library.custom_op("mae3d::sparse_conv3d", mutates_args=())
 def _sparse_conv3d_op(
     x: Tensor,
@@ -67,18 +73,27 @@ def _sparse_conv3d_op(
     block_size: int,
     stride: int,
     padding: int,
+    max_active: Optional[int] = None,
+    active_grad_x: bool = False,
 ) -> Tensor:
     """(B, Cout, Do, Ho, Wo): conv3d on active output blocks, 0 elsewhere (layout of x)."""
-    _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding)
-    return BACKENDS.forward(x.device.type).fwd(x, weight, bias, block_mask, block_size, stride,
-                                               padding)
+    _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding, max_active,
+                          active_grad_x)
+    name, fns = _backend(x.device.type, False)
+    opts = {"max_active": max_active} if name == "packed" else {}
+    out = fns.fwd(x, weight, bias, block_mask, block_size, stride, padding, **opts)
+    # x's layout, or the weight's for a one-channel x (``memory_format``): a no-op but for a
+    # backend that does not follow the weight
+    return out.contiguous(memory_format=memory_format(x, weight))
 
 
 @_sparse_conv3d_op.register_fake
-def _(x, weight, bias, block_mask, block_size, stride, padding):
-    _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding)
+def _(x, weight, bias, block_mask, block_size, stride, padding, max_active=None,
+      active_grad_x=False):
+    _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding, max_active,
+                          active_grad_x)
     shape = _checks.sparse_conv_out_shape(x, weight, stride, padding)
-    return x.new_empty(shape).contiguous(memory_format=memory_format(x))
+    return x.new_empty(shape).contiguous(memory_format=memory_format(x, weight))
 
 
 @torch.library.custom_op("mae3d::sparse_conv3d_backward", mutates_args=())
@@ -92,23 +107,32 @@ def _sparse_conv3d_backward_op(
     padding: int,
     has_bias: bool,
     needs_grad_x: bool,
+    max_active: Optional[int] = None,
+    active_grad_x: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x like x, grad_weight like weight, grad_bias (Cout,)); grad_bias is empty without
     bias, grad_x is empty when not needed (e.g. the first conv of a network: no dgrad is run).
-    Only active outputs contribute; grad_x is nonzero on what they read (active blocks + halo)."""
+    Only active outputs contribute; grad_x is nonzero on what they read (active blocks + halo),
+    or on the active blocks only with ``active_grad_x``."""
     _checks.sparse_conv3d_backward(grad_out, x, weight, block_mask, block_size, stride, padding,
-                                   has_bias, needs_grad_x)
+                                   has_bias, needs_grad_x, max_active, active_grad_x)
+    name, fns = _backend(x.device.type, True)
     # grad_out keeps its layout (a channels-last gradient is not copied to NCDHW; every backend
     # takes either, the Triton kernels read channels-last natively).
-    g = grad_out.contiguous(memory_format=memory_format(grad_out))
-    return BACKENDS.backward(x.device.type).bwd(g, x, weight, block_mask, block_size, stride,
-                                                padding, has_bias, needs_grad_x)
+    args = (grad_out.contiguous(memory_format=memory_format(grad_out)), x, weight, block_mask,
+            block_size, stride, padding, has_bias, needs_grad_x)
+    if name == "triton":
+        # its tile lists are built on the device (no max_active needed); with active_grad_x its
+        # dgrad runs on the active input blocks only (no halo tiles) and zero-fills the rest
+        return fns.bwd(*args, active_only=active_grad_x)
+    return fns.bwd(*args, max_active=max_active, active_grad_x=active_grad_x)
 
 
 @_sparse_conv3d_backward_op.register_fake
-def _(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias, needs_grad_x):
+def _(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias, needs_grad_x,
+      max_active=None, active_grad_x=False):
     _checks.sparse_conv3d_backward(grad_out, x, weight, block_mask, block_size, stride, padding,
-                                   has_bias, needs_grad_x)
+                                   has_bias, needs_grad_x, max_active, active_grad_x)
     gb = x.new_empty(weight.shape[0]) if has_bias else x.new_empty(0)
     gx = x.new_empty(x.shape).contiguous(memory_format=memory_format(x)) if needs_grad_x else (
         x.new_empty(0))
@@ -116,9 +140,10 @@ def _(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias, ne
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, block_mask, block_size, stride, padding = inputs
+    x, weight, bias, block_mask, block_size, stride, padding, max_active, active_grad_x = inputs
     ctx.save_for_backward(x, weight, block_mask)
     ctx.args = (block_size, stride, padding, bias is not None)
+    ctx.opts = (max_active, active_grad_x)
     remember(ctx, BACKENDS, x.device.type)
 
 
@@ -127,8 +152,9 @@ def _backward(ctx, grad_out):
     needs_x = ctx.needs_input_grad[0]
     with as_in_forward(ctx):
         gx, gw, gb = torch.ops.mae3d.sparse_conv3d_backward(grad_out, x, weight, block_mask,
-                                                            *ctx.args, needs_x)
-    return (gx if needs_x else None), gw, (gb if ctx.args[3] else None), None, None, None, None
+                                                            *ctx.args, needs_x, *ctx.opts)
+    return ((gx if needs_x else None), gw, (gb if ctx.args[3] else None),
+            None, None, None, None, None, None)
 
 
 _sparse_conv3d_op.register_autograd(_backward, setup_context=_setup_context)
@@ -143,12 +169,13 @@ def _register_autocast(device_type: str) -> None:
             and t.dtype != torch.float64
         return t.to(dtype) if eligible else t
 
-    def kernel(_keyset, x, weight, bias, block_mask, block_size, stride, padding):
+    def kernel(_keyset, x, weight, bias, block_mask, block_size, stride, padding,
+               max_active=None, active_grad_x=False):
         dt = torch.get_autocast_dtype(device_type)
         with torch._C._ExcludeDispatchKeyGuard(keyset):
             return torch.ops.mae3d.sparse_conv3d.default(
                 cast(x, dt), cast(weight, dt), cast(bias, dt), block_mask, block_size, stride,
-                padding)
+                padding, max_active, active_grad_x)
 
     _LIB.impl("sparse_conv3d", kernel, key, with_keyset=True)
 
@@ -189,13 +216,13 @@ def active_output_voxels(block_mask: Tensor, block_size: int, stride: int,
     return int(torch.einsum("bijk,i,j,k->", om.to(torch.float64), *ext).item())
 
 
-def _fwd_flops(x, weight, bias, block_mask, block_size, stride, padding, out_val=None, **kw):
+def _fwd_flops(x, weight, bias, block_mask, block_size, stride, padding, *_, out_val=None, **kw):
     n = active_output_voxels(block_mask, block_size, stride, tuple(out_val.shape[2:]))
     return sparse_conv3d_flops(tuple(weight.shape), n)
 
 
 def _bwd_flops(grad_out, x, weight, block_mask, block_size, stride, padding, has_bias,
-               needs_grad_x, out_val=None, **kw):
+               needs_grad_x, *_, out_val=None, **kw):
     n = active_output_voxels(block_mask, block_size, stride, tuple(grad_out.shape[2:]))
     return sparse_conv3d_flops(tuple(weight.shape), n, backward=needs_grad_x)
 
@@ -216,6 +243,9 @@ def sparse_conv3d(
     block_size: int,
     stride: int = 1,
     padding: int | None = None,
+    *,
+    max_active: int | None = None,
+    active_grad_x: bool = False,
 ) -> Tensor:
     """3D convolution computed only on the active blocks of ``block_mask``.
 
@@ -229,6 +259,15 @@ def sparse_conv3d(
         block_size: voxels per cell edge at x's resolution.
         stride: 1 or 2 (the output cell edge is block_size // stride; dense when smaller than 1).
         padding: 0 or k // 2 (None = k // 2); dilation 1, groups 1.
+        max_active: None, or the most True cells of ``block_mask`` in any one sample (an MAE
+            mask's visible count, ``mae3d.masking.visible_count``): the packed backend then
+            packs a fixed number of blocks, so it runs on CUDA without a host sync. A sample with
+            more raises (ValueError on CPU; a device-side assert on CUDA); fewer is exact.
+        active_grad_x: compute x's gradient on the active blocks only (exactly 0 on inactive
+            voxels: the gradient the halo reads would get is skipped). Parameter gradients are
+            unchanged wherever every consumer of x's gradient drops inactive voxels (x is the
+            output of a masked norm, a re-masked pool, the masked input): true in a sparsified
+            ResEnc encoder, not in an arbitrary model. Default off.
 
     Returns:
         (B, Cout, Do, Ho, Wo) in x's layout: conv3d(x, weight, bias, stride, padding) on active
@@ -241,5 +280,7 @@ def sparse_conv3d(
     if not (dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)):
         # Under autocast the op checks the inputs after casting them (x and weight may differ
         # in dtype before).
-        _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding)
-    return torch.ops.mae3d.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding)
+        _checks.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding,
+                              max_active, active_grad_x)
+    return torch.ops.mae3d.sparse_conv3d(x, weight, bias, block_mask, block_size, stride, padding,
+                                         max_active, active_grad_x)

@@ -116,10 +116,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, table, out, lse)
     ctx.args = (ws, ss, bw, scale)
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # lse gets no gradient: no zero-filled one either
     remember(ctx, BACKENDS, q.device.type)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    if grad_out is None:  # grads are not materialised: out took no part in the result
+        return None, None, None, None, None, None, None, None
     q, k, v, table, out, lse = ctx.saved_tensors
     with as_in_forward(ctx):
         dq, dk, dv, dt = torch.ops.mae3d.window_attention3d_backward(

@@ -37,6 +37,7 @@ import torch
 from torch import Tensor, nn
 
 from mae3d.optim.gradient_conductor import GradientConductor
+from mae3d.optim.recipes import MAE_ADAMW
 
 __all__ = [
     "RECIPE_NAMES",
@@ -292,7 +293,9 @@ class GCondRecipe(PublishedRecipe):
 
 class AdamWRecipe(PublishedRecipe):
     """The published AdamW baseline of BertsWin and ViT-MAE (see the module docstring); the
-    arguments as ``GCondRecipe``'s plus ``weight_decay`` and ``betas``."""
+    arguments as ``GCondRecipe``'s plus ``weight_decay`` and ``betas``. Its optimiser numbers
+    (lr, weight decay, betas, clip) are ``mae3d.optim.recipes.MAE_ADAMW``'s, the one place they are
+    declared; what this class adds is the published schedule shape and micro-batching."""
 
     name = "adamw"
     published_loss = "l2"  # the baselines' loss
@@ -302,13 +305,13 @@ class AdamWRecipe(PublishedRecipe):
         model,
         total_steps: int,
         *,
-        peak_lr: float = 1.5e-4,
+        peak_lr: float = MAE_ADAMW.lr,
         min_lr: float = 1e-6,
         warmup_steps: int | None = None,
         accumulation_steps: int = 5,
-        weight_decay: float = 0.05,
-        betas: tuple[float, float] = (0.9, 0.95),
-        clip: float | None = 1.0,
+        weight_decay: float = MAE_ADAMW.weight_decay,
+        betas: tuple[float, float] = MAE_ADAMW.betas,
+        clip: float | None = MAE_ADAMW.clip,
     ) -> None:
         params = _params(model)
         super().__init__(

@@ -15,6 +15,7 @@ from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.models import S3D, MAEOutput, ResEncUNet, load_pretrained_encoder
 from mae3d.ops import use_backend
 from mae3d.reference.masked_norm import masked_norm_reference
+from mae3d.sparse import active_mask
 
 # Reduced ResEnc: 5 stages at 32^3 with 8^3 blocks -> block sizes 8/4/2/1 and a dense 2^3
 # bottleneck (coarser than the mask grid, as S3D's 5^3 one).
@@ -316,3 +317,71 @@ def test_bad_input():
                  lambda: model.sample_mask(empty), lambda: model.encode(empty)):
         with pytest.raises(ValueError, match=r"S3D: x has batch size 0 \(shape \(0, 1, 16"):
             call()
+
+
+@pytest.mark.parametrize("backend", ["packed", "packed every layer", "reference"])
+def test_active_grad_x_encoder_keeps_parameter_gradients(backend, monkeypatch):
+    """S3D sparsifies its encoder with active_grad_x (the halo's input gradient is skipped):
+    the pre-training step's loss and every parameter gradient equal those with the full input
+    gradient; fed a leaf input, the encoder's input gradient differs only on masked voxels."""
+    if backend == "packed every layer":  # not only where the cost rule packs
+        from mae3d.ops._torch_backends import sparse_conv_plan
+
+        monkeypatch.setattr(sparse_conv_plan, "packed_is_cheaper", lambda *a, **k: True)
+        backend = "packed"
+    model = make().double()
+    assert model.backbone.encoder._mae3d_mask_state.active_grad_x
+    full = copy.deepcopy(model)
+    full.backbone.encoder._mae3d_mask_state.active_grad_x = False
+    x, mask = data()
+    x = x.double()
+    with use_backend(sparse_conv3d=backend):
+        a, b = run(model, x, mask), run(full, x, mask)
+    assert_same(a, b, rtol=1e-9)
+    enc_grads = [k for k in a[2] if k.startswith("backbone.encoder") and "conv" in k]
+    assert enc_grads and all(a[2][k].abs().max() > 0 for k in enc_grads if "weight" in k)
+    # the encoder alone on a leaf input (S3D masks its input first, which would hide this)
+    vis = upsample_block_mask(mask, 8, x.shape[2:])
+    xm = torch.where(vis, x, 0.0)
+    gx = []
+    for m in (model, full):
+        leaf = xm.clone().requires_grad_(True)
+        with use_backend(sparse_conv3d=backend), active_mask(
+                m.backbone.encoder, mask, 8, max_active=m.max_visible((4, 4, 4))):
+            skips = m.backbone.encoder(leaf)
+        torch.autograd.backward(skips, [torch.ones_like(f) for f in skips])
+        gx.append(leaf.grad)
+    torch.testing.assert_close(gx[0], torch.where(vis, gx[1], 0.0), atol=1e-12, rtol=1e-9)
+    assert gx[1][~vis.expand_as(gx[1])].abs().max() > 0
+
+
+def test_drawn_mask_carries_its_visible_count():
+    """A mask S3D draws has at most max_visible visible cells per sample (the bound its sparse
+    convs are given, see mae3d.masking.visible_count); a given mask with more than a stated
+    bound raises."""
+    for ratio in (0.6, 0.75, (0.6, 0.9)):
+        model = make(mask_ratio=ratio)
+        x, _ = data()
+        for seed in range(5):
+            mask = model.sample_mask(x, torch.Generator().manual_seed(seed))
+            assert mask.flatten(1).sum(1).max() <= model.max_visible((4, 4, 4))
+    x, mask = data(ratio=0.5)
+    with pytest.raises(ValueError, match="max_active"):
+        model.encode(x, mask, max_active=int(mask.flatten(1).sum(1).max()) - 1)
+
+
+def test_channels_last_encoder_stays_channels_last():
+    """A channels-last S3D keeps every sparse stage's features channels-last (from the
+    one-channel input's first conv on, which follows its weight's layout) and computes what the
+    NCDHW one does."""
+    model = make()
+    x, mask = data()
+    cl = copy.deepcopy(model).to(memory_format=torch.channels_last_3d)
+    xc = x.contiguous(memory_format=torch.channels_last_3d)
+    skips, vox = cl.encode(xc, mask)
+    ref, _ = model.encode(x, mask)
+    for f, r, m in zip(skips, ref, vox):
+        if m is not None:
+            assert f.is_contiguous(memory_format=torch.channels_last_3d), tuple(f.stride())
+        torch.testing.assert_close(f, r, atol=2e-5, rtol=2e-4)
+    assert_same(run(cl, xc, mask), run(model, x, mask))

@@ -228,3 +228,22 @@ def test_module_compiles_fullgraph(backend):
     torch.testing.assert_close(ys[1], ys[0])
     for a, b in zip(gs[1], gs[0]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [CASES[1], CASES[4]], ids=lambda c: f"{c[0]}w{c[1]}s{c[2]}")
+def test_triton_matches_torchvision_semantics(case):
+    """The Triton kernels (interpreted on CPU) inside the module: padding, the clamp quirk."""
+    if torch.cuda.is_available():
+        pytest.skip("CPU interpreter check; the GPU runs the cases of tests/ops")
+    ours, ref, x = _pair(*case)
+    gy = torch.randn_like(x)
+    outs = []
+    for m, backend in ((ours, "triton"), (ref, "reference")):
+        xi = x.clone().requires_grad_(True)
+        with use_backend(backend):
+            y = m(xi)
+        outs.append((y, *torch.autograd.grad(y, [xi, *m.parameters()], gy)))
+    names = ["out", "grad_x"] + [n for n, _ in ours.named_parameters()]
+    for name, o, r in zip(names, *outs):
+        torch.testing.assert_close(o, r, atol=1e-9, rtol=1e-9, msg=lambda s, n=name: f"{n}: {s}")

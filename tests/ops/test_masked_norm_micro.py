@@ -1,6 +1,6 @@
 """CPU micro-benchmarks of masked_norm (pytest-benchmark); run with ``pytest -m benchmark``.
 
-They time, they do not assert speed: targets live in bench/bench_masked_norm.py.
+They time, they do not assert speed: targets live in bench/masked_norm.py.
 """
 
 from __future__ import annotations

@@ -173,13 +173,13 @@ CASES = {
                                   "--lr must be a number or null"),
     "pretrain --config augment str": (lambda c, o, t: [*toy_args(c["data"], o), "--config",
                                                        _config(t, {"augment": "no"})],
-                                      "config key 'augment' must be true or false"),
+                                      "--augment must be true or false"),
     "pretrain --config spacing list": (lambda c, o, t: _pt(c, o, "--config",
                                                            _config(t, {"spacing": [1, 2, 3]})),
                                        "--spacing must be a number"),
     "pretrain --config overrides list": (lambda c, o, t: [*toy_args(c["data"], o), "--config",
                                                           _config(t, {"model_overrides": [1]})],
-                                         "config key 'model_overrides' must be a JSON object"),
+                                         "--model-overrides must be a JSON object"),
     "pretrain --config overrides bad": (lambda c, o, t: [*toy_args(c["data"], o), "--config",
                                                          _config(t, {"model_overrides":
                                                                      {"depth": 3}})],
@@ -362,7 +362,7 @@ def test_disk_full_while_writing_results_is_one_line(cmd, ctx, tmp_path, capsys,
         monkeypatch.setattr(safetensors.torch, "save_file", _enospc)
         argv, needle = _ft(ctx, out), "segmentation.safetensors: No space left on device"
     else:
-        reconstruct = importlib.import_module("mae3d.train.reconstruct")
+        reconstruct = importlib.import_module("mae3d.train.reconstruction")
         monkeypatch.setattr(reconstruct, "plot_reconstruction", _enospc)
         argv, needle = ["reconstruct", ctx["pre"], "--data", ctx["vol"], "--out",
                         os.path.join(out, "r")], "r.png: No space left on device"
@@ -416,7 +416,7 @@ def test_unreadable_files_in_a_folder_are_skipped_with_a_warning(cmd, ctx, tmp_p
 def test_sigterm_outside_the_training_loop_exits_143(ctx, tmp_path, capsys, monkeypatch):
     import signal
 
-    finetune = importlib.import_module("mae3d.train.finetune")
+    finetune = importlib.import_module("mae3d.train.finetuning")
 
     def terminated(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGTERM)

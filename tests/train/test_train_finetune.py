@@ -15,7 +15,7 @@ from train_testing import run_cli, toy_args, write_segmentation, write_volumes
 from mae3d.optim.recipes import finetune_multiplier
 from mae3d.testing import ToySegNet
 from mae3d.train import checkpoint as ckpt
-from mae3d.train.finetune import dice_per_class, load_segmentation_data, predict
+from mae3d.train.finetuning import dice_per_class, load_segmentation_data, predict
 
 
 def test_dice_known_answers():

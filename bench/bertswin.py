@@ -16,8 +16,8 @@ memory above the resident model/optimizer state, and tokens/s printed (B * N inp
 step). GB/s use the AdamW byte floor (fp32 parameters: read p, g, m, v and write p, m, v).
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_bertswin.py --quick --threads 2 --no-csv   # CPU, small
-  PYTHONPATH=. python bench/bench_bertswin.py                                # on a GPU
+  python -m bench.bertswin --quick --threads 2 --no-csv   # CPU, small
+  python -m bench.bertswin                                # on a GPU
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
 """
 
@@ -25,18 +25,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import importlib
 import sys
 from dataclasses import dataclass
 
 import torch
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_bertswin.py
-    import harness as H
-
+from bench import harness as H
 from mae3d.masking import visible_count
 from mae3d.models.bertswin import BertsWin, bertswin_base
 from mae3d.ops.window_attention import backend_for
@@ -141,7 +136,7 @@ def run_case(case: Case, cfg) -> list[H.Result]:
         except Exception as e:
             if provider == SUBJECT:
                 raise
-            print(f"  SKIP {provider}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"  SKIP {provider}: {H.why(e)}")
             continue
         if model is None:
             continue
@@ -156,7 +151,7 @@ def run_case(case: Case, cfg) -> list[H.Result]:
         except Exception as e:
             if provider == SUBJECT:
                 raise
-            print(f"  SKIP {provider}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+            print(f"  SKIP {provider}: {H.why(e)}")
             continue
         n_par = sum(p.numel() for p in model.parameters())
         nbytes = 7 * 4 * n_par
@@ -168,9 +163,7 @@ def run_case(case: Case, cfg) -> list[H.Result]:
               f"{t.p80_ms:.2f}] {case.tokens / (t.p50_ms * 1e-3):12.1f} tokens/s "
               f"{mem:9.1f} MiB  ({n_par / 1e6:.1f} M params)", flush=True)
         del model, step
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        H.release(device)
     return results
 
 
@@ -210,16 +203,11 @@ def build_config(argv: list[str] | None = None):
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg["device"])
-    H.print_header(OP, env, cfg["dtype"], *backend_for(cfg["device"].type))
-    path = H.csv_path(args, env)
+    env, path = H.start(OP, args, cfg["device"], cfg["dtype"], backend_for)
     data: list[dict] = []
     for case in cfg["cases"]:
         H.record(run_case(case, cfg), env, SUBJECT, path, data)
-    print()
-    print(H.format_table(data))
-    if path is not None:
-        print(f"\n{len(data)} rows appended to {path}")
+    H.finish(data, path)
     return 0
 
 

@@ -9,8 +9,8 @@ out. Configuration: the BTCV one (feature_size 48, depths 2-2-2-2, heads 3-6-12-
 96^3 input, batch 1 on CPU (fp32) and 2 on a GPU (bf16 autocast); --quick: 64^3, feature size 24.
 Needs MONAI (pip install --no-deps monai).
 
-  PYTHONPATH=. python bench/bench_swinunetr.py --threads 2     # CPU
-  PYTHONPATH=. python bench/bench_swinunetr.py                 # GPU
+  python -m bench.swinunetr --threads 2     # CPU
+  python -m bench.swinunetr                 # GPU
 Rows (op "swinunetr_encoder") go to bench/results/<device>.csv.
 """
 
@@ -19,15 +19,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import sys
 
 import torch
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_swinunetr.py
-    import harness as H
-
+from bench import harness as H
 from mae3d.nn import swap_monai_window_attention
 from mae3d.ops.window_attention import backend_for
 
@@ -43,14 +40,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, help="default: 2 on CUDA, 1 on CPU")
     p.add_argument("--feature-size", type=int, default=48)
     p.add_argument("--quick", action="store_true", help="64^3, feature size 24, short timing")
+    p.add_argument(
+        "--samples",
+        type=int,
+        help="CPU: one warm-up call and at least this many timed ones (the GPU plan's dry run: 1)",
+    )
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5),
                                  base=H.TimingConfig(warmup=2, min_run_time=3.0, min_samples=5))
+    if a.samples:
+        timing = dataclasses.replace(timing, warmup=1, min_samples=a.samples)
     try:
         from monai.networks.nets import SwinUNETR
     except ImportError:
-        print("bench_swinunetr: MONAI is not installed (pip install --no-deps monai)",
+        print("bench.swinunetr: MONAI is not installed (pip install --no-deps monai)",
               file=sys.stderr)
         return 2
     if a.quick:
@@ -58,8 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = device.type == "cuda"
     dtype = DTYPES[a.dtype or ("bf16" if gpu else "fp32")]
     B = a.batch or (2 if gpu else 1)
-    env = H.environment(device)
-    H.print_header(OP, env, dtype, *backend_for(device.type))
+    env, path = H.start(OP, a, device, dtype, backend_for)
     torch.manual_seed(a.seed)
     base = SwinUNETR(in_channels=1, out_channels=2, feature_size=a.feature_size,
                      spatial_dims=3).to(device)
@@ -91,18 +94,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {name:<6} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}] "
               f"{mem:9.1f} MiB", flush=True)
         del model
-    err = (outs["mae3d"] - outs["monai"]).abs().max().item()
-    scale = max(1.0, outs["monai"].abs().max().item())
-    tol = 1e-4 if dtype == torch.float32 else 5e-2
-    if not err <= tol * scale:
-        print(f"  WARNING: max |mae3d - monai| = {err:.3g} on the last stage")
-    path = H.csv_path(a, env)
+    H.check_same("monai", outs["monai"], outs["mae3d"], dtype, "last-stage")
     data: list[dict] = []
     H.record(results, env, SUBJECT, path, data)
-    print()
-    print(H.format_table(data))
-    if path is not None:
-        print(f"\n{len(data)} rows appended to {path}")
+    H.finish(data, path)
     return 0
 
 

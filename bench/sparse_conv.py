@@ -6,18 +6,20 @@ bias with requires_grad):
   mae3d        mae3d.ops.sparse_conv.sparse_conv3d on the device's default backend (packed blocks
                on CPU; on CUDA the dense conv + mask, measured faster than the Triton kernel)
   triton       (GPU) the op with its Triton implicit-GEMM kernel forced
-  packed       (GPU) the op with the packed backend forced (active blocks + halo, cuDNN, scatter)
+  packed       (GPU) the op with the packed backend forced (active blocks + halo, cuDNN, scatter;
+               max_active = the mask's visible count, so no host sync; its cost rule per pass)
   dense_mask   F.conv3d on the whole volume, then multiplied by the output mask: what SparK and
                S3D do (mae3d.reference.sparse_conv3d_reference is the same with a select)
   spconv       spconv SubMConv3d / SparseConv3d on the active voxels, when spconv is installed
                (fp16 only; stride-1 convs); the voxel list is built outside the timed region
+(the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph, fixed upstream gradient); fwd+bwd.
 TFLOP/s are effective: the FLOPs of the active output voxels (what the op computes,
 2 * Cin * Cout * k^3 per voxel, x2 for the backward) over the measured time, for every provider.
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_sparse_conv.py --quick --threads 2   # CPU: 64^3 fwd, ~1 min
-  PYTHONPATH=. python bench/bench_sparse_conv.py                       # GPU: bf16, ResEnc-L convs
+  python -m bench.sparse_conv --quick --threads 2   # CPU: 64^3 fwd, ~1 min
+  python -m bench.sparse_conv                       # GPU: bf16, ResEnc-L convs
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns; variant =
 "<cin>-<cout>k<k>s<stride>@r<ratio>", shape = the input's BxCxDxHxW).
 """
@@ -25,21 +27,16 @@ Rows are appended to bench/results/<device>.csv (see bench/harness.py for the co
 from __future__ import annotations
 
 import argparse
-import gc
-import importlib.util
+import itertools
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_sparse_conv.py
-    import harness as H
-
+from bench import baselines
+from bench import harness as H
 from mae3d.masking import random_block_mask, upsample_block_mask
 from mae3d.ops.sparse_conv import (
     active_output_voxels,
@@ -70,6 +67,7 @@ PROVIDERS = ("mae3d", "triton", "packed", "dense_mask", "spconv")
 FORCED = ("triton", "packed")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd",)
+LAYOUTS = ("ncdhw", "ndhwc")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -83,6 +81,7 @@ class BenchConfig:
     passes: tuple[str, ...]
     timing: H.TimingConfig
     seed: int = 0
+    layouts: tuple[str, ...] = ("ncdhw",)  # ndhwc: x, weight, gradient channels_last_3d
 
 
 def block_size_at(size: int) -> int:
@@ -91,7 +90,7 @@ def block_size_at(size: int) -> int:
     return max(1, BLOCK0 * size // 160) if size >= 160 or size in (80, 40, 20, 10) else BLOCK0
 
 
-def make_inputs(case, ratio, cfg):
+def make_inputs(case, ratio, cfg, layout="ncdhw"):
     B, cin, cout, size, k, stride = case
     g = torch.Generator().manual_seed(cfg.seed)
     bs = block_size_at(size)
@@ -105,9 +104,16 @@ def make_inputs(case, ratio, cfg):
     out = conv_output_size(size, k, stride, k // 2)
     m = m.to(cfg.device)
     gy = torch.randn(B, cout, out, out, out, generator=g).to(cfg.device, cfg.dtype)
+    if layout == "ndhwc":
+        cl = torch.channels_last_3d
+        x, gy = x.contiguous(memory_format=cl), gy.contiguous(memory_format=cl)
+        w = w.detach().contiguous(memory_format=cl).requires_grad_()
     omask = output_voxel_mask(m, bs, stride, (out,) * 3)
+    # the visible cells per sample, read once before timing: the packed backend's capacity on
+    # CUDA (without it, it has no bound below every cell and runs the dense conv + mask)
+    bound = int(m.flatten(1).sum(1).max())
     return dict(x=x, xr=x.detach().clone().requires_grad_(), w=w, b=b, m=m, bs=bs, gy=gy,
-                omask=omask, k=k, stride=stride)
+                omask=omask, k=k, stride=stride, max_active=bound)
 
 
 def make_provider(name: str, inp: dict) -> Callable:
@@ -117,75 +123,40 @@ def make_provider(name: str, inp: dict) -> Callable:
     if name in FORCED:
         if not inp["x"].is_cuda:
             raise RuntimeError(f"{name} is compared on CUDA only")
-        return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2))
+        opts = {"max_active": inp["max_active"]} if name == "packed" else {}
+        return _forced(name, lambda x: sparse_conv3d(x, inp["w"], inp["b"], m, bs, s, k // 2,
+                                                     **opts))
     if name == "dense_mask":
-        return lambda x: F.conv3d(x, inp["w"], inp["b"], s, k // 2) * omask
+        return lambda x: baselines.dense_mask_conv(x, inp["w"], inp["b"], s, k // 2, omask)
     if name == "spconv":
-        return _spconv_provider(inp)
+        return baselines.spconv_submconv(inp["x"], inp["w"], m, bs, s)
     raise ValueError(name)
 
 
 def _forced(backend: str, f: Callable) -> Callable:
-    def g(*args):
-        with H.sparse_conv_backend(backend):
-            return f(*args)
-
-    return g
+    return H.forced(f, sparse_conv3d=backend)
 
 
-def _spconv_provider(inp):
-    if importlib.util.find_spec("spconv") is None:
-        raise RuntimeError("spconv is not installed")
-    if inp["stride"] != 1 or inp["x"].dtype != torch.float16 or not inp["x"].is_cuda:
-        raise RuntimeError("compared on CUDA fp16 stride-1 convs only (spconv has no bf16)")
-    import spconv.pytorch as spconv
-
-    x, w = inp["x"], inp["w"]
-    B, cin, *spatial = x.shape
-    conv = spconv.SubMConv3d(cin, w.shape[0], inp["k"], bias=True).to(x.device, x.dtype)
-    vis = upsample_block_mask(inp["m"], inp["bs"], spatial)[:, 0]
-    idx = vis.nonzero().int()  # (N, 4) b, d, h, w
-
-    def f(xx):
-        feats = xx.permute(0, 2, 3, 4, 1)[vis]
-        st = spconv.SparseConvTensor(feats, idx, spatial, B)
-        return conv(st).dense()
-
-    return f
+def subject_result(f, inp):
+    return f(inp["x"]).detach().float()
 
 
-def check(name, f, inp, ref):
-    got = f(inp["x"]).detach().float()
-    err = (got - ref).abs().max().item()
-    scale = max(1.0, ref.abs().max().item())
-    tol = 1e-4 if inp["x"].dtype == torch.float32 else 5e-2
-    if not err <= tol * scale:
-        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+def check(name, f, ref, inp):
+    H.check_same(name, f(inp["x"]), ref, inp["x"].dtype)
 
 
-def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
-    inp = make_inputs(case, ratio, cfg)
+def run_case(case, ratio, cfg, layout="ncdhw") -> tuple[list[H.Result], dict]:
+    inp = make_inputs(case, ratio, cfg, layout)
     B, cin, cout, size, k, stride = case
     out = conv_output_size(size, k, stride, k // 2)
     n_act = active_output_voxels(inp["m"], inp["bs"], stride, (out,) * 3)
-    variant = f"{cin}-{cout}k{k}s{stride}@r{ratio:g}"
+    variant = f"{cin}-{cout}k{k}s{stride}{'-cl' if layout == 'ndhwc' else ''}@r{ratio:g}"
     shape = (B, cin, size, size, size)
     esize = inp["x"].element_size()
     nbytes = (inp["x"].numel() + B * cout * out**3 + inp["w"].numel()) * esize
     ceiling = H.copy_bandwidth_gbps(inp["x"].numel(), cfg.dtype, cfg.device, cfg.timing)
-    fns, ref = {}, None
-    for name in cfg.providers:
-        try:
-            f = make_provider(name, inp)
-            if name == SUBJECT:
-                ref = f(inp["x"]).detach().float()
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+    fns = H.ready(cfg.providers, partial(make_provider, inp=inp), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     results, tflops = [], {}
     for mode in cfg.passes:
         flops = sparse_conv3d_flops(tuple(inp["w"].shape), n_act, backward=False) * (
@@ -205,9 +176,7 @@ def run_case(case, ratio, cfg) -> tuple[list[H.Result], dict]:
                   f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}]  {tflops[(variant, mode, name)]:7.3f} "
                   f"eff. TFLOP/s  {mem:8.1f} MiB", flush=True)
     del fns, inp
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results, tflops
 
 
@@ -238,6 +207,9 @@ def build_config(argv=None):
     p.add_argument("--cases", type=_parse_cases,
                    help='e.g. "2x32x32x160x3x1,2x64x64x80x3x1" (BxCinxCoutxSIZExKxSTRIDE) or '
                         '"tiny" (the dry-run case)')
+    p.add_argument("--layouts", type=H.parse_list(LAYOUTS), default=("ncdhw",),
+                   help="ncdhw and/or ndhwc (channels_last_3d x, weight and gradient: variant "
+                        "suffix -cl), e.g. ncdhw,ndhwc")
     H.add_run_args(p, DTYPES)
     a = p.parse_args(argv)
     device, timing = H.run_setup(a, quick=H.TimingConfig(warmup=1, min_run_time=0.5, min_samples=3))
@@ -251,31 +223,27 @@ def build_config(argv=None):
         device=device, dtype=DTYPES[a.dtype or ("bf16" if device.type == "cuda" else "fp32")],
         cases=tuple(cases), ratios=a.ratios or (QUICK_RATIOS if a.quick else RATIOS),
         providers=providers, passes=a.passes or (QUICK_PASSES if a.quick else PASSES),
-        timing=timing, seed=a.seed)
+        timing=timing, seed=a.seed, layouts=tuple(a.layouts))
     return cfg, a
 
 
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data, tfl = [], {}
-    for case in cfg.cases:
+    for case, layout in itertools.product(cfg.cases, cfg.layouts):
         for ratio in cfg.ratios:
-            res, t = run_case(case, ratio, cfg)
+            res, t = run_case(case, ratio, cfg, layout)
             H.record(res, env, SUBJECT, out, data)
             tfl.update(t)
-    print()
-    print(H.format_table(data))
-    print("\nSummary (p50; speed-up = dense_mask time / mae3d time):")
+    lines = ["Summary (p50; speed-up = dense_mask time / mae3d time):"]
     for d in data:
         if d["provider"] == "dense_mask" and d["subject_speedup"]:
             key = (d["variant"], d["mode"])
-            print(f"  {d['variant']:<22} {d['mode']:<7} {float(d['subject_speedup']):6.2f}x  "
-                  f"(mae3d {tfl[(*key, SUBJECT)]:.3f} eff. TFLOP/s)")
-    if out is not None:
-        print(f"\n{len(data)} rows appended to {out}")
+            lines.append(f"  {d['variant']:<22} {d['mode']:<7} "
+                         f"{float(d['subject_speedup']):6.2f}x  "
+                         f"(mae3d {tfl[(*key, SUBJECT)]:.3f} eff. TFLOP/s)")
+    H.finish(data, out, "\n".join(lines))
     return 0
 
 

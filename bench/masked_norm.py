@@ -10,19 +10,19 @@ requires_grad, negative_slope 0.01 as in nnU-Net):
                     (training, running stats) -> leaky_relu -> scatter into zeros
   eager_formula     mae3d.reference.masked_norm_reference (masked sums in eager PyTorch)
   compiled_formula  torch.compile(masked_norm_reference) (compile time excluded)
+(the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph, fixed upstream gradient); fwd+bwd.
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_masked_norm.py --quick               # CPU smoke run, ~1 min
-  PYTHONPATH=. python bench/bench_masked_norm.py --threads 2           # published CPU numbers
-  PYTHONPATH=. python bench/bench_masked_norm.py                       # on a GPU: bf16, 5 stages
+  python -m bench.masked_norm --quick               # CPU smoke run, ~1 min
+  python -m bench.masked_norm --threads 2           # published CPU numbers
+  python -m bench.masked_norm                       # on a GPU: bf16, 5 stages
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from collections.abc import Callable
@@ -30,22 +30,17 @@ from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_masked_norm.py
-    import harness as H
-
+from bench import baselines
+from bench import harness as H
 from mae3d.masking import random_voxel_mask
 from mae3d.ops import masked_norm, masked_norm_bytes
 from mae3d.ops.masked_norm import backend_for
-from mae3d.reference import masked_norm_reference
 
 OP = "masked_norm"
 SUBJECT = "mae3d"
-SLOPE, EPS, MOMENTUM = 0.01, 1e-5, 0.1
+SLOPE, EPS, MOMENTUM = baselines.SLOPE, baselines.EPS, baselines.MOMENTUM  # nnU-Net's
 RATIO, GRID = 0.75, 10  # 16^3 blocks of a 160^3 patch: a 10^3 block grid at every stage
 GPU_SHAPES = [
     (2, 32, 160, 160, 160),
@@ -62,8 +57,7 @@ ONLY_VARIANT = {"nnssl_gather": "instance", "spark_gather": "batch"}
 PASSES = ("fwd", "bwd", "fwd+bwd")
 QUICK_PASSES = ("fwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |reference|
-MAX_OFF_FRACTION = 1e-5  # elements allowed beyond REL_TOL (LeakyReLU kink flips, see check())
+MAX_OFF_FRACTION = 1e-5  # elements allowed beyond H.SAME_TOL (LeakyReLU kink flips, see check())
 
 
 @dataclass(frozen=True)
@@ -103,41 +97,6 @@ def make_inputs(shape: tuple[int, ...], cfg: BenchConfig) -> Inputs:
     return Inputs(x, x.detach().clone().requires_grad_(), mask, mask[:, 0], w, b, gy)
 
 
-# ------------------------------------------------------------------------------------------------
-# Gather emulations (written for this benchmark)
-# ------------------------------------------------------------------------------------------------
-def nnssl_gather(x: Tensor, mask4: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
-    """nnssl/S3D masked InstanceNorm: gather visible voxels (same count n per sample), norm the
-    (B, C, n) tensor, LeakyReLU, scatter back into zeros."""
-    B, C = x.shape[:2]
-    rows = x.permute(0, 2, 3, 4, 1)[mask4]  # (B * n, C), sample-major
-    n = rows.shape[0] // B
-    y = F.instance_norm(rows.reshape(B, n, C).transpose(1, 2), weight=weight, bias=bias, eps=EPS)
-    y = F.leaky_relu(y, SLOPE)
-    out = x.new_zeros(B, *x.shape[2:], C)
-    out[mask4] = y.transpose(1, 2).reshape(B * n, C)
-    return out.permute(0, 4, 1, 2, 3)
-
-
-def spark_gather(
-    x: Tensor,
-    mask4: Tensor,
-    weight: Tensor,
-    bias: Tensor,
-    running_mean: Tensor,
-    running_var: Tensor,
-) -> Tensor:
-    """SparK sparse BatchNorm: gather all visible voxels of the batch (N, C), F.batch_norm in
-    training mode with running stats, LeakyReLU, scatter back into zeros."""
-    rows = x.permute(0, 2, 3, 4, 1)[mask4]  # (N, C)
-    y = F.batch_norm(
-        rows, running_mean, running_var, weight, bias, training=True, momentum=MOMENTUM, eps=EPS
-    )
-    out = x.new_zeros(*x.permute(0, 2, 3, 4, 1).shape)
-    out[mask4] = F.leaky_relu(y, SLOPE)
-    return out.permute(0, 4, 1, 2, 3)
-
-
 _COMPILE_FAILED: list[str] = []
 
 
@@ -156,14 +115,14 @@ def make_provider(
     if name == "mae3d":
         return lambda x: masked_norm(x, m, w, b, **kw)
     if name == "nnssl_gather":
-        return lambda x: nnssl_gather(x, inp.mask4, w, b)
+        return lambda x: baselines.nnssl_gather(x, inp.mask4, w, b, EPS, SLOPE)
     if name == "spark_gather":
-        return lambda x: spark_gather(x, inp.mask4, w, b, rs["running_mean"], rs["running_var"])
+        return lambda x: baselines.spark_gather(
+            x, inp.mask4, w, b, rs["running_mean"], rs["running_var"], EPS, SLOPE, MOMENTUM)
     if name == "eager_formula":
-        return lambda x: masked_norm_reference(x, m, w, b, **kw)
+        return lambda x: baselines.eager_masked_norm(x, m, w, b, **kw)
     if name == "compiled_formula":
-        torch._dynamo.reset()  # fresh static-shape graphs (earlier ones recompile on next use)
-        fn = torch.compile(masked_norm_reference, dynamic=False)
+        fn = baselines.compiled(baselines.eager_masked_norm)
 
         def compiled(x: Tensor) -> Tensor:
             with torch._functorch.config.patch(donated_buffer=donate):
@@ -179,23 +138,31 @@ def backend_of(name: str, device: torch.device) -> str:
     return "inductor" if name == "compiled_formula" else "torch"
 
 
-def check(name: str, f: Callable, inp: Inputs, ref: tuple[Tensor, ...], bwd: bool) -> None:
+def subject_result(f: Callable, inp: Inputs, bwd: bool) -> tuple[Tensor, ...]:
+    """mae3d's output (and x-gradient): what the other providers are checked against."""
+    ref = [f(inp.x).detach()]
+    if bwd:
+        ref.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
+    return tuple(ref)
+
+
+def skipped(name: str, why: str) -> str:
+    if name != "compiled_formula":
+        return why
+    _COMPILE_FAILED.append(why)
+    return why + " (torch.compile failed: compiled_formula is skipped for the whole run)"
+
+
+def check(name: str, f: Callable, ref: tuple[Tensor, ...], inp: Inputs, bwd: bool) -> None:
     """Print a warning when f's output (and x-gradient) differs from the mae3d one."""
     got = [f(inp.x).detach()]
     if bwd:
         got.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
     for what, g, r in zip(("out", "grad_x"), got, ref, strict=False):
-        diff = (g.float() - r.float()).abs()
-        scale = max(1.0, r.float().abs().max().item())
         # Pre-activations within rounding of LeakyReLU's kink may take the other slope in another
         # provider, so a handful of gradient elements legitimately differ by ~|grad|: judge the
         # fraction of elements off, not the single worst one.
-        off = (diff > REL_TOL.get(inp.x.dtype, 1e-4) * scale).float().mean().item()
-        if not off <= MAX_OFF_FRACTION:
-            print(
-                f"  WARNING {name}: {off:.2e} of {what} elements differ from mae3d's (max "
-                f"{diff.max().item():.3g}, max |ref| {scale:.3g}): not the same computation"
-            )
+        H.check_same(name, g, r, inp.x.dtype, what, MAX_OFF_FRACTION)
 
 
 def nbytes(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
@@ -207,29 +174,11 @@ def nbytes(shape: tuple[int, ...], dtype: torch.dtype, mode: str) -> int:
 def run_case(variant: str, shape: tuple[int, ...], cfg: BenchConfig) -> list[H.Result]:
     inp = make_inputs(shape, cfg)
     names = [p for p in cfg.providers if ONLY_VARIANT.get(p, variant) == variant]
-    names.sort(key=lambda p: p != SUBJECT)  # mae3d first: the others are checked against it
     need_bwd = any(m != "fwd" for m in cfg.passes)
-    fns: dict[str, Callable] = {}
-    for name in names:
-        if name == "compiled_formula" and _COMPILE_FAILED:
-            continue
-        try:
-            f = make_provider(name, variant, inp)
-            if name == SUBJECT:
-                ref = [f(inp.x).detach()]
-                if need_bwd:
-                    ref.append(torch.autograd.grad(f(inp.x_req), inp.x_req, inp.grad_out)[0])
-            else:
-                check(name, f, inp, tuple(ref), need_bwd)  # also compiles compiled_formula
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            why = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            if name == "compiled_formula":
-                _COMPILE_FAILED.append(why)
-                why += " (torch.compile failed: compiled_formula is skipped for the whole run)"
-            print(f"  SKIP {name}: {why}")
+    names = [p for p in names if not (p == "compiled_formula" and _COMPILE_FAILED)]
+    fns = H.ready(names, partial(make_provider, variant=variant, inp=inp), SUBJECT,
+                  partial(subject_result, inp=inp, bwd=need_bwd),
+                  partial(check, inp=inp, bwd=need_bwd), skipped)  # check compiles, too
     numel = math.prod(shape)
     ceiling = H.copy_bandwidth_gbps(numel, cfg.dtype, cfg.device, cfg.timing)
     results = []
@@ -246,7 +195,7 @@ def run_case(variant: str, shape: tuple[int, ...], cfg: BenchConfig) -> list[H.R
             except Exception as e:
                 if name == SUBJECT:
                     raise
-                print(f"  SKIP {name} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                print(f"  SKIP {name} {mode}: {H.why(e)}")
                 continue
             results.append(
                 H.Result(
@@ -270,9 +219,7 @@ def run_case(variant: str, shape: tuple[int, ...], cfg: BenchConfig) -> list[H.R
                 flush=True,
             )
     del fns, inp
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results
 
 
@@ -350,31 +297,24 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data: list[dict] = []
     for variant in cfg.variants:
         for shape in cfg.shapes:
             H.record(run_case(variant, shape, cfg), env, SUBJECT, out, data)
-    print()
-    print(H.format_table(data))
-    print(
-        "\nsubj. speedup = p50 / p50 of mae3d at the same variant/mode/shape (>1: mae3d faster);"
+    notes = [
+        "subj. speedup = p50 / p50 of mae3d at the same variant/mode/shape (>1: mae3d faster);"
         " % copy = GB/s of the byte floor / measured copy_ bandwidth of the same size; peak MiB"
         f" = {data[0]['mem_method'] if data else ''} growth during one call"
-    )
+    ]
     noisy = [d for d in data if float(d["p80_ms"]) > 1.5 * float(d["p20_ms"])]
     if noisy:
-        print(
-            f"\nWARNING: {len(noisy)} of {len(data)} rows have p80 > 1.5 x p20: the machine was "
+        notes.append(
+            f"WARNING: {len(noisy)} of {len(data)} rows have p80 > 1.5 x p20: the machine was "
             "busy (or the timing is too short); rerun on an idle machine before quoting them"
         )
-    print("\nSummary (p50):")
-    for line in summary(data):
-        print("  " + line)
-    if out is not None:
-        print(f"\n{len(data)} rows appended to {out}")
+    notes.append("\n".join(["Summary (p50):", *("  " + line for line in summary(data))]))
+    H.finish(data, out, *notes)
     return 0
 
 

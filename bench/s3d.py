@@ -7,7 +7,7 @@ round(ratio * cells) masked 16^3 blocks per sample, SGD Nesterov 0.99 with grad-
                   CPU (packed), dense conv + mask on CUDA (measured faster than the Triton kernel)
   nnssl_eager     the nnssl/S3D emulation on the same model: dense conv x mask (mae3d's
                   reference backend) and boolean-gather masked InstanceNorm
-                  (bench_masked_norm.nnssl_gather: gather -> F.instance_norm -> scatter)
+                  (bench.baselines.nnssl_gather: gather -> F.instance_norm -> scatter)
   nnssl_compiled  nnssl_eager's model forward under torch.compile, when it compiles
   mae3d_triton    (GPU) mae3d's S3D with the sparse convs on the Triton implicit GEMM (the CUDA
                   default is the dense conv + mask, measured faster)
@@ -20,9 +20,9 @@ the step's floor of optimizer traffic (read param, grad, momentum; write param, 
 20 bytes per fp32 parameter) over p50, with % of the copy bandwidth.
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_s3d.py --quick --threads 2    # CPU smoke run, ~1 min
-  PYTHONPATH=. python bench/bench_s3d.py --threads 2            # published CPU numbers
-  PYTHONPATH=. python bench/bench_s3d.py                        # GPU: ResEnc-L, 160^3, bf16
+  python -m bench.s3d --quick --threads 2    # CPU smoke run, ~1 min
+  python -m bench.s3d --threads 2            # published CPU numbers
+  python -m bench.s3d                        # GPU: ResEnc-L, 160^3, bf16
 Rows (op "s3d_step", variant "<config>@r<ratio>") go to bench/results/<device>.csv.
 """
 
@@ -31,26 +31,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import gc
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-try:
-    from bench import harness as H
-    from bench.bench_masked_norm import EPS, nnssl_gather
-except ImportError:  # run as a script: python bench/bench_s3d.py
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import harness as H
-    from bench_masked_norm import EPS, nnssl_gather
-
+from bench import baselines
+from bench import harness as H
 from mae3d.masking import random_block_mask
 from mae3d.models import S3D, ResEncUNet
-from mae3d.nn.norm import MaskedInstanceNorm3d
 from mae3d.ops import use_backend
 from mae3d.ops.sparse_conv import backend_for
 from mae3d.optim.recipes import S3D_PRETRAIN, build_optimizer
@@ -84,41 +74,10 @@ class BenchConfig:
     channels_last: bool = False
 
 
-class GatherInstanceNorm3d(MaskedInstanceNorm3d):
-    """nnssl's masked InstanceNorm: boolean gather of the visible voxels (the same count per
-    sample), F.instance_norm in fp32 (as under AMP), LeakyReLU if fused, scatter into zeros."""
-
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        state = getattr(self, "_mae3d_mask_state", None)
-        if mask is None and state is not None:
-            mask = state.voxels(x.shape[2:])
-        slope = self.negative_slope
-        with torch.autocast(x.device.type, enabled=False):
-            xf = x.float()
-            if mask is None:
-                y = F.instance_norm(xf, weight=self.weight, bias=self.bias, eps=self.eps)
-                return y if slope is None else F.leaky_relu(y, slope)
-            m4 = mask[:, 0].expand(x.shape[0], *x.shape[2:])
-            if slope is not None:
-                return nnssl_gather(xf, m4, self.weight, self.bias)
-            B, C = x.shape[:2]
-            rows = xf.permute(0, 2, 3, 4, 1)[m4]  # (B * n, C), sample-major
-            n = rows.shape[0] // B
-            y = F.instance_norm(rows.reshape(B, n, C).transpose(1, 2), weight=self.weight,
-                                bias=self.bias, eps=EPS)
-            out = xf.new_zeros(B, *x.shape[2:], C)
-            out[m4] = y.transpose(1, 2).reshape(B * n, C)
-            return out.permute(0, 4, 1, 2, 3)
-
-
-def nnssl_emulation(model: S3D) -> S3D:
-    """A copy of ``model`` whose masked norms gather like nnssl (convs: run it under
-    use_backend("reference"), i.e. dense conv x mask)."""
-    emu = copy.deepcopy(model)
-    for mod in emu.modules():
-        if isinstance(mod, MaskedInstanceNorm3d):
-            mod.__class__ = GatherInstanceNorm3d
-    return emu
+def visible_bound(mask: Tensor) -> int:
+    """The most visible cells per sample of the benchmark's mask (read once, before timing):
+    what S3D knows of a mask it draws, so its sparse convs run without a host sync on CUDA."""
+    return int(mask.flatten(1).sum(1).max())
 
 
 def provider_context(name: str):
@@ -126,7 +85,7 @@ def provider_context(name: str):
     if name == SUBJECT:
         return contextlib.nullcontext()
     if name in FORCED:
-        return H.sparse_conv_backend(FORCED[name])
+        return use_backend(sparse_conv3d=FORCED[name])
     return use_backend("reference")  # the emulations: dense conv x mask
 
 
@@ -140,11 +99,13 @@ def make_step(model: nn.Module, x: Tensor, mask: Tensor, cfg: BenchConfig, name:
     fwd = model if forward is None else forward
     amp = cfg.dtype != torch.float32
 
+    bound = visible_bound(mask)
+
     def step() -> Tensor:
         opt.zero_grad(set_to_none=True)
         with provider_context(name):
             with torch.autocast(x.device.type, dtype=cfg.dtype, enabled=amp):
-                loss = fwd(x, mask).loss
+                loss = fwd(x, mask, max_active=bound).loss
             loss.backward()
         torch.nn.utils.clip_grad_norm_(params, S3D.GRAD_CLIP_NORM)
         opt.step()
@@ -172,20 +133,21 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
     for name in cfg.providers:
         if name in FORCED and cfg.device.type != "cuda":
             continue  # on CPU mae3d's default sparse-conv backend is the packed one
-        model = copy.deepcopy(base) if name.startswith(SUBJECT) else nnssl_emulation(base)
+        model = (copy.deepcopy(base) if name.startswith(SUBJECT)
+                 else baselines.nnssl_emulation(base))
         try:
             fwd = torch.compile(model, dynamic=False) if name == "nnssl_compiled" else None
             step, _ = make_step(model, x, mask, cfg, name, forward=fwd)
-            loss = step().item()  # also the compile / warm-up call
+            loss = step()  # also the compile / warm-up call
         except Exception as e:
             if name == SUBJECT:
                 raise
-            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:160]}")
+            print(f"  SKIP {name}: {H.why(e)}")
             continue
         if ref_loss is None:
             ref_loss = loss
-        elif abs(loss - ref_loss) > (1e-4 if cfg.dtype == torch.float32 else 3e-2) * ref_loss:
-            print(f"  WARNING {name}: first-step loss {loss:.6g} != mae3d {ref_loss:.6g}")
+        else:
+            H.check_same(name, loss, ref_loss, cfg.dtype, "first-step loss")
         steps[name] = (model, step)
     results = []
     for name, (_model, step) in steps.items():
@@ -201,6 +163,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
               f"  {vps / 1e6:8.3f} Mvoxel/s  {mem:9.1f} MiB", flush=True)
     # The encoder alone (forward + backward of the sparse stages; the dense decoder, the same in
     # both providers, bounds the step's speed-up): a fixed upstream gradient on every skip.
+    bound = visible_bound(mask)
     for name, (model, _step) in steps.items():
         if name == "nnssl_compiled":
             continue
@@ -208,7 +171,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
             with provider_context(name):
                 with torch.autocast(x.device.type, dtype=cfg.dtype,
                                     enabled=cfg.dtype != torch.float32):
-                    skips, _ = model.encode(x, mask)
+                    skips, _ = model.encode(x, mask, max_active=bound)
                 torch.autograd.backward(skips, [torch.ones_like(f) for f in skips])
 
         t = H.time_fn(enc_pass, cfg.device, cfg.timing)
@@ -220,9 +183,7 @@ def run_ratio(ratio: float, cfg: BenchConfig) -> list[H.Result]:
         print(f"  {variant:<18} {name:<15} {t.p50_ms:10.2f} ms [{t.p20_ms:.2f}, {t.p80_ms:.2f}]"
               f"  encoder fwd+bwd  {mem:9.1f} MiB", flush=True)
     del steps, base
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results
 
 
@@ -254,24 +215,19 @@ def build_config(argv=None):
 
 def main(argv=None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    out = H.csv_path(args, env)
+    env, out = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data = []
     for ratio in cfg.ratios:
         H.record(run_ratio(ratio, cfg), env, SUBJECT, out, data)
-    print()
-    print(H.format_table(data))
-    print("\nSummary (p50 step time of the provider / mae3d's; peak memory ratio mae3d / it):")
+    lines = ["Summary (p50 step time of the provider / mae3d's; peak memory ratio mae3d / it):"]
     mem = {(d["variant"], d["mode"], d["provider"]): float(d["peak_extra_mem_mb"]) for d in data}
     for d in data:
         if d["provider"] != SUBJECT and d["subject_speedup"]:
             key = (d["variant"], d["mode"])
             m = mem[(*key, SUBJECT)] / max(mem[(*key, d["provider"])], 1e-9)
-            print(f"  {d['variant']:<18} {d['mode']:<16} vs {d['provider']:<15} "
-                  f"{float(d['subject_speedup']):6.2f}x faster, {m:5.2f}x the memory")
-    if out is not None:
-        print(f"\n{len(data)} rows appended to {out}")
+            lines.append(f"  {d['variant']:<18} {d['mode']:<16} vs {d['provider']:<15} "
+                         f"{float(d['subject_speedup']):6.2f}x faster, {m:5.2f}x the memory")
+    H.finish(data, out, "\n".join(lines))
     return 0
 
 

@@ -10,20 +10,26 @@ grad):
   compiled  torch.compile(eager) (GPU default; compile time excluded)
   flex      FlexAttention under torch.compile on the partitioned windows, score_mod adds the
             gathered bias and the shift mask (GPU only; learnable bias through its backward)
+  flex_table  FlexAttention under torch.compile with the bias table itself as the score_mod's
+            learnable buffer (read through the relative-position index, as the kernels do) and
+            the shift mask as a block mask (its -inf stands for torchvision's -100: exp(-100)
+            underflows the softmax the same); GPU only
+(the baselines live in bench/baselines.py).
 Passes: fwd; bwd (autograd.grad of a retained graph); fwd+bwd. TFLOP/s use the matmul count of
 ``window_attention3d_flops`` (forward 4 * N * window_volume * hd per head and sample, backward
-2.5x that).
+2.5x that); on a known GPU each line also gives the roofline bound (max of FLOPs at the dense
+bf16 / fp16 peak and the byte floor ``nbytes`` at the HBM bandwidth, ``ROOFLINE``) as a
+percentage of the measured time.
 
 Run from the repository root:
-  PYTHONPATH=. python bench/bench_window_attention.py --quick --no-csv   # CPU, BertsWin batch 1
-  PYTHONPATH=. python bench/bench_window_attention.py                    # on a GPU: bf16, all
+  python -m bench.window_attention --quick --no-csv   # CPU, BertsWin batch 1
+  python -m bench.window_attention                    # on a GPU: bf16, all
 Rows are appended to bench/results/<device>.csv (see bench/harness.py for the columns).
 """
 
 from __future__ import annotations
 
 import argparse
-import gc
 import math
 import sys
 from collections.abc import Callable
@@ -31,30 +37,19 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-try:
-    from bench import harness as H
-except ImportError:  # run as a script: python bench/bench_window_attention.py
-    import harness as H
-
+from bench import baselines
+from bench import harness as H
 from mae3d.ops.window_attention import backend_for, window_attention3d, window_attention3d_flops
-from mae3d.reference.window_attention import (
-    _Windows,
-    region_labels,
-    table_rows,
-    window_attention3d_reference,
-    window_bias,
-)
+from mae3d.reference.window_attention import table_rows
 
 OP = "window_attention3d"
 SUBJECT = "mae3d"
-PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex")
+PROVIDERS = ("mae3d", "eager", "sdpa", "compiled", "flex", "flex_table")
 CPU_PROVIDERS = ("mae3d", "eager", "sdpa")
 PASSES = ("fwd", "bwd", "fwd+bwd")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REL_TOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # of max |mae3d|
 
 
 @dataclass(frozen=True)
@@ -117,53 +112,21 @@ def make_inputs(case: Case, cfg: BenchConfig) -> Inputs:
                   gy.to(dev, dt))
 
 
-# ------------------------------------------------------------------------------------------------
-# Baselines written for this benchmark
-# ------------------------------------------------------------------------------------------------
-def _bias_and_mask(g: _Windows, table: Tensor) -> Tensor:
-    """(nW or 1, heads, N, N) additive bias + shift mask, as eager torchvision builds them."""
-    bias = window_bias(table, g.ws)[None]
-    if sum(g.ss) > 0:
-        lab = region_labels(g.padded, g.ws, g.ss, table.device)
-        lab = lab.view(g.padded[0] // g.ws[0], g.ws[0], g.padded[1] // g.ws[1], g.ws[1],
-                       g.padded[2] // g.ws[2], g.ws[2]).permute(0, 2, 4, 1, 3, 5).flatten(3)
-        lab = lab.flatten(0, 2)  # (nW, N)
-        mask = torch.where(lab[:, :, None] != lab[:, None, :], -100.0, 0.0).to(bias.dtype)
-        bias = bias + mask[:, None]
-    return bias
+# dense bf16/fp16 tensor-core peak (TFLOP/s) and HBM bandwidth (TB/s) by device name
+ROOFLINE = {"h100": (989.0, 3.35), "h200": (989.0, 4.8), "a100": (312.0, 2.0)}
 
 
-def sdpa_windows(q: Tensor, k: Tensor, v: Tensor, case: Case, table: Tensor) -> Tensor:
-    g = _Windows(q.shape, case.window, case.shift)
-    qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)  # (B, nW, heads, N, hd)
-    B, nW, nh, N, hd = qw.shape
-    mask = _bias_and_mask(g, table).expand(B, nW, nh, N, N).reshape(B * nW, nh, N, N)
-    out = F.scaled_dot_product_attention(qw.reshape(B * nW, nh, N, hd),
-                                         kw.reshape(B * nW, nh, N, hd),
-                                         vw.reshape(B * nW, nh, N, hd), attn_mask=mask)
-    return g.unwindows(out.view(B, nW, nh, N, hd))
-
-
-def flex_windows(case: Case) -> Callable:
-    from torch.nn.attention.flex_attention import flex_attention
-
-    flex = torch.compile(flex_attention, dynamic=False)
-
-    def fn(q, k, v, table):
-        g = _Windows(q.shape, case.window, case.shift)
-        qw, kw, vw = g.windows(q), g.windows(k), g.windows(v)
-        B, nW, nh, N, hd = qw.shape
-        bm = _bias_and_mask(g, table)  # (nW or 1, heads, N, N), differentiable in the table
-        nb = bm.shape[0]
-
-        def score_mod(score, b, h, qi, ki):
-            return score + bm[b % nb, h, qi, ki]
-
-        out = flex(qw.reshape(B * nW, nh, N, hd), kw.reshape(B * nW, nh, N, hd),
-                   vw.reshape(B * nW, nh, N, hd), score_mod=score_mod)
-        return g.unwindows(out.view(B, nW, nh, N, hd))
-
-    return fn
+def roofline_ms(case: Case, dtype: torch.dtype, mode: str, device: torch.device) -> float | None:
+    """The roofline bound of one call in ms on a known GPU (None elsewhere)."""
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device).lower()
+    peak = next((v for k, v in ROOFLINE.items() if k in name), None)
+    if peak is None:
+        return None
+    return 1e3 * max(
+        flops(case, mode) / (peak[0] * 1e12), nbytes(case, dtype, mode) / (peak[1] * 1e12)
+    )
 
 
 def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
@@ -176,15 +139,17 @@ def make_provider(name: str, case: Case) -> Callable[[Tensor, Tensor], Tensor]:
     if name == "mae3d":
         return lambda qkv, t: window_attention3d(*split(qkv), w, s, t)
     if name == "eager":
-        return lambda qkv, t: window_attention3d_reference(*split(qkv), w, s, t)
+        return lambda qkv, t: baselines.eager_window_attention(*split(qkv), w, s, t)
     if name == "sdpa":
-        return lambda qkv, t: sdpa_windows(*split(qkv), case, t)
+        return lambda qkv, t: baselines.sdpa_windows(*split(qkv), w, s, t)
     if name == "compiled":
-        torch._dynamo.reset()
-        fn = torch.compile(window_attention3d_reference, dynamic=False)
+        fn = baselines.compiled(baselines.eager_window_attention)
         return lambda qkv, t: fn(*split(qkv), w, s, t)
     if name == "flex":
-        fn = flex_windows(case)
+        fn = baselines.flex_windows(w, s)
+        return lambda qkv, t: fn(*split(qkv), t)
+    if name == "flex_table":
+        fn = baselines.flex_table_windows(w, s)
         return lambda qkv, t: fn(*split(qkv), t)
     raise ValueError(name)
 
@@ -202,31 +167,18 @@ def flops(case: Case, mode: str) -> int:
     return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
 
 
-def check(name: str, f: Callable, inp: Inputs, ref: Tensor) -> None:
-    got = f(inp.qkv.detach(), inp.table.detach())
-    err = (got.float() - ref.float()).abs().max().item()
-    scale = max(1.0, ref.float().abs().max().item())
-    if not err <= REL_TOL.get(ref.dtype, 1e-4) * scale:
-        print(f"  WARNING {name}: max |out - mae3d out| = {err:.3g}: not the same computation")
+def subject_result(f: Callable, inp: Inputs) -> Tensor:
+    return f(inp.qkv.detach(), inp.table.detach())
+
+
+def check(name: str, f: Callable, ref: Tensor, inp: Inputs) -> None:
+    H.check_same(name, f(inp.qkv.detach(), inp.table.detach()), ref, ref.dtype)
 
 
 def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
     inp = make_inputs(case, cfg)
-    fns: dict[str, Callable] = {}
-    ref = None
-    for name in sorted(cfg.providers, key=lambda p: p != SUBJECT):
-        try:
-            f = make_provider(name, case)
-            if name == SUBJECT:
-                ref = f(inp.qkv.detach(), inp.table.detach())
-            else:
-                check(name, f, inp, ref)
-            fns[name] = f
-        except Exception as e:
-            if name == SUBJECT:
-                raise
-            print(f"  SKIP {name}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
-    del ref
+    fns = H.ready(cfg.providers, partial(make_provider, case=case), SUBJECT,
+                  partial(subject_result, inp=inp), partial(check, inp=inp))
     ceiling = H.copy_bandwidth_gbps(math.prod(case.shape), cfg.dtype, cfg.device, cfg.timing)
     results = []
     for mode in cfg.passes:
@@ -241,20 +193,20 @@ def run_case(case: Case, cfg: BenchConfig) -> list[H.Result]:
             except Exception as e:
                 if name == SUBJECT:
                     raise
-                print(f"  SKIP {name} {mode}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
+                print(f"  SKIP {name} {mode}: {H.why(e)}")
                 continue
             backend = backend_for(cfg.device.type)[0] if name == SUBJECT else (
-                "inductor" if name in ("compiled", "flex") else "torch")
+                "inductor" if name in ("compiled", "flex", "flex_table") else "torch")
             results.append(H.Result(OP, name, backend, case.variant, mode, case.shape, cfg.dtype,
                                     t, nbytes(case, cfg.dtype, mode), ceiling, mem, how))
             tflops = flops(case, mode) / (t.p50_ms * 1e-3) / 1e12
-            print(f"  {case.variant:<28} {mode:<7} {name:<9} {t.p50_ms:10.3f} ms "
-                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB",
+            bound = roofline_ms(case, cfg.dtype, mode, cfg.device)
+            roof = f" {100 * bound / t.p50_ms:6.1f} % of roofline" if bound else ""
+            print(f"  {case.variant:<28} {mode:<7} {name:<10} {t.p50_ms:10.3f} ms "
+                  f"[{t.p20_ms:.3f}, {t.p80_ms:.3f}] {tflops:8.3f} TFLOP/s {mem:9.1f} MiB{roof}",
                   flush=True)
     del fns, inp
-    gc.collect()
-    if cfg.device.type == "cuda":
-        torch.cuda.empty_cache()
+    H.release(cfg.device)
     return results
 
 
@@ -276,8 +228,8 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
         cases = tuple(dict.fromkeys(c for c in (*GPU_CASES, *CPU_CASES, *TINY_CASES)
                                     if c.name in names and (c.batch == a.batch or not a.batch)))
     providers = a.providers or (PROVIDERS if gpu else CPU_PROVIDERS)
-    if not gpu:
-        providers = tuple(p for p in providers if p != "flex")  # Triton-generated: GPU only
+    if not gpu:  # Triton-generated: GPU only
+        providers = tuple(p for p in providers if p not in ("flex", "flex_table"))
     if SUBJECT not in providers:
         providers = (SUBJECT, *providers)
     cfg = BenchConfig(device=device, dtype=DTYPES[a.dtype or ("bf16" if gpu else "fp32")],
@@ -289,16 +241,11 @@ def build_config(argv: list[str] | None = None) -> tuple[BenchConfig, argparse.N
 
 def main(argv: list[str] | None = None) -> int:
     cfg, args = build_config(argv)
-    env = H.environment(cfg.device)
-    H.print_header(OP, env, cfg.dtype, *backend_for(cfg.device.type))
-    path = H.csv_path(args, env)
+    env, path = H.start(OP, args, cfg.device, cfg.dtype, backend_for)
     data: list[dict] = []
     for case in cfg.cases:
         H.record(run_case(case, cfg), env, SUBJECT, path, data)
-    print()
-    print(H.format_table(data))
-    if path is not None:
-        print(f"\n{len(data)} rows appended to {path}")
+    H.finish(data, path)
     return 0
 
 

@@ -16,10 +16,13 @@ matter / white matter on the MNI152 template.
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
 import json
 import os
 from dataclasses import asdict, replace
 from functools import partial
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,7 +44,10 @@ from mae3d.train.registry import (
 from mae3d.train.sources import data_module, open_segmentation
 from mae3d.train.step import oom_as_user_error, train_step
 
-__all__ = ["FinetuneConfig", "dice_per_class", "finetune", "load_segmentation_data", "predict"]
+__all__ = [
+    "FinetuneConfig", "dice_per_class", "finetune", "load_segmentation_data", "predict",
+    "run_finetune", "segmentation_net",
+]
 
 
 def load_segmentation_data(data: str, labels: str | None,
@@ -95,29 +101,142 @@ def _segmentation_loss(net: nn.Module, x: Tensor, target: Tensor) -> Tensor:
     return ce + 1.0 - ((2 * inter + 1e-5) / (denom + 1e-5)).mean()
 
 
-def finetune(cfg: FinetuneConfig) -> dict:
-    """Fine-tune (or train from scratch) and score; returns the dict written to ``dice.json``."""
-    from tqdm.auto import tqdm
+# FinetuneConfig fields that are arguments of ``finetune`` or belong to building the network.
+_NOT_OPTIONS = ("pretrained", "data", "labels", "out", "size", "model")
 
+
+def segmentation_net(pretrained: str | nn.Module | None, num_classes: int, *,
+                     model: str = "s3d", size: str = "small", **overrides: Any) -> nn.Module:
+    """The fine-tuning network of a pre-trained MAE: for S3D the ResEnc U-Net of its backbone
+    (nnU-Net layout), (B, 1, D, H, W) -> logits (B, num_classes, D, H, W), with the pre-trained
+    encoder loaded.
+
+    pretrained: a ``mae3d pretrain`` run folder or checkpoint, an MAE built by
+        ``mae3d.create_model`` (e.g. just pre-trained in Python), or None (the same network
+        from scratch: ``model``, ``size`` and ``overrides`` say which).
+    The network remembers the pre-training crop size and spacing (``finetune``'s defaults).
+    """
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
+        raise UserError(f"num_classes must be an integer >= 2, got {num_classes!r}")
+    mae, source, defaults = None, None, {"patch_size": 64, "spacing": 1.0}
+    if isinstance(pretrained, nn.Module):
+        spec = getattr(pretrained, "mae3d_spec", None)
+        if not spec:
+            raise UserError("pretrained: a model built by mae3d.create_model is needed (it "
+                            "names its architecture); got a model without mae3d_spec")
+        mae, model, size = pretrained, spec["model"], spec["size"]
+        overrides = {**spec["model_overrides"], **overrides}
+        defaults["patch_size"] = spec["patch_size"]
+        source = f"python:{type(pretrained).__name__}"
+    elif pretrained is not None and str(pretrained).lower() != "none":
+        from mae3d.train.reconstruction import load_pretrained
+
+        mae, pcfg, _ = load_pretrained(str(pretrained))
+        model, size = pcfg.model, pcfg.size
+        overrides = {**pcfg.model_overrides, **overrides}
+        defaults = {"patch_size": pcfg.patch_size, "spacing": pcfg.spacing}
+        source = str(pretrained)
+    net = build_segmentation_net(model, size, num_classes, **overrides)
+    if mae is not None:
+        transfer_encoder(mae, net, model)
+    net.mae3d_finetune = {"pretrained": source, "model": model, "size": size, **defaults}
+    return net
+
+
+def _segmentation_data(data: Any, labels: Any, spacing: float):
+    """(images, label maps, class names) of ``data`` as ``finetune`` takes it."""
+    if isinstance(data, str):
+        if labels is not None and not isinstance(labels, str):
+            raise TypeError("finetune: with data given as a source string, labels must be one "
+                            f"too (or None for 'mni152'), got {type(labels).__name__}")
+        return load_segmentation_data(data, labels, spacing)
+    if hasattr(data, "images") and hasattr(data, "labels") and hasattr(data, "class_names"):
+        return list(data.images), list(data.labels), list(data.class_names)
+    if isinstance(data, (list, tuple)) and isinstance(labels, (list, tuple)) \
+            and len(data) == len(labels) and data:
+        images = [torch.as_tensor(x, dtype=torch.float32) for x in data]
+        maps = [torch.as_tensor(y).long() for y in labels]
+        for i, (x, y) in enumerate(zip(images, maps)):
+            if x.dim() != 3 or x.shape != y.shape:
+                raise UserError(f"finetune: data[{i}] and labels[{i}] must be (D, H, W) of one "
+                                f"shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            if int(y.min()) < 0:
+                raise UserError(f"finetune: labels[{i}] must hold integers >= 0")
+        count = max(int(y.max()) for y in maps) + 1
+        return images, maps, [f"class {c}" for c in range(count)]
+    raise TypeError("finetune: data must be a source string (with labels), a "
+                    "mae3d.data.SegmentationData, or lists of (D, H, W) images and label maps")
+
+
+def finetune(net: nn.Module, data: Any, labels: Any = None, *, out: str | None,
+             **options: Any) -> dict:
+    """Fine-tune the segmentation network ``net`` (from ``segmentation_net``) and score it.
+
+    data / labels: what ``--data`` / ``--labels`` take (source strings; ``data="mni152"``
+        without labels: background / grey matter / white matter of the template), a
+        ``mae3d.data.SegmentationData``, or lists of (D, H, W) images (preprocessed) and
+        integer label maps. Each volume's first half along axis 0 trains, the second half is
+        held out and scored.
+    out: folder for log.csv, dice.json, dice.csv, segmentation.safetensors; None = no files.
+    options: fields of ``FinetuneConfig`` (``mae3d finetune --help``) other than pretrained,
+        data, labels, out, size and model: steps, batch_size, patch_size (default: the
+        pre-training crop), lr, spacing (default: the pre-training spacing), seed, device,
+        decoder_warmup, full_warmup, progress.
+
+    Returns the dict written to ``dice.json``: Dice per class, the mean foreground Dice, ...
+    """
+    if not isinstance(net, nn.Module):
+        raise TypeError(f"finetune: net must be a torch.nn.Module, got {type(net).__name__}")
+    names = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in _NOT_OPTIONS]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"finetune() got unexpected option(s) {', '.join(unknown)}; options are "
+                        f"{', '.join(names)}")
+    info = dict(getattr(net, "mae3d_finetune", None) or {})
+    cfg = FinetuneConfig(pretrained=info.get("pretrained") or "none",
+                         data=data if isinstance(data, str) else f"python:{type(data).__name__}",
+                         labels=labels if isinstance(labels, str) else None,
+                         out=out if out is not None else "(no files)",
+                         model=info.get("model", "custom"), size=info.get("size", "small"),
+                         **options)
     cfg.validate()
-    device = pick_device(cfg.device, 0)
+    patch = cfg.patch_size or info.get("patch_size", 64)
+    spacing = cfg.spacing or info.get("spacing", 1.0)
+    return _finetune(cfg, net, _segmentation_data(data, labels, spacing), patch, out is not None)
+
+
+def run_finetune(cfg: FinetuneConfig) -> dict:
+    """``mae3d finetune``: validate ``cfg``, build the network (``segmentation_net``) and
+    ``finetune`` it on ``cfg.data`` / ``cfg.labels``."""
+    cfg.validate()
     ensure_out_dir(cfg.out)
     torch.manual_seed(cfg.seed)
-    mae, name, size, overrides = None, cfg.model, cfg.size, {}
-    patch, spacing = cfg.patch_size or 64, cfg.spacing or 1.0
+    mae, spacing = None, cfg.spacing or 1.0
     if cfg.pretrained.lower() != "none":
-        from mae3d.train.reconstruct import load_pretrained
+        from mae3d.train.reconstruction import load_pretrained
 
         mae, pcfg, _ = load_pretrained(cfg.pretrained)
-        name, size, overrides = pcfg.model, pcfg.size, pcfg.model_overrides
-        patch, spacing = cfg.patch_size or pcfg.patch_size, cfg.spacing or pcfg.spacing
+        spacing = cfg.spacing or pcfg.spacing
     images, labels, names = load_segmentation_data(cfg.data, cfg.labels, spacing)
-    net = build_segmentation_net(name, size, len(names), **overrides)
+    net = segmentation_net(mae, len(names), model=cfg.model, size=cfg.size)
+    if mae is not None:
+        net.mae3d_finetune["pretrained"] = cfg.pretrained
+    patch = cfg.patch_size or net.mae3d_finetune["patch_size"]
+    return _finetune(cfg, net, (images, labels, names), patch, True)
+
+
+def _finetune(cfg: FinetuneConfig, net: nn.Module, data, patch: int, files: bool) -> dict:
+    from tqdm.auto import tqdm
+
+    images, labels, names = data
+    device = pick_device(cfg.device, 0)
+    if files:
+        ensure_out_dir(cfg.out)
+    torch.manual_seed(cfg.seed)
+    info = dict(getattr(net, "mae3d_finetune", None) or {})
     if patch % segmentation_divisor(net):
         raise UserError(f"--patch-size {patch} must be a multiple of "
                         f"{segmentation_divisor(net)} for this network")
-    if mae is not None:
-        transfer_encoder(mae, net, name)
     net = net.to(device)
     halves = [img.shape[0] // 2 for img in images]
     if min(halves) < 1:
@@ -136,8 +255,10 @@ def finetune(cfg: FinetuneConfig) -> dict:
     sched = build_scheduler(opt, recipe, cfg.steps, decoder_warmup=w1, full_warmup=w2)
     enc = list(encoder_parameters(net))
     log_path = os.path.join(cfg.out, "log.csv")
-    with writing(log_path):
-        log = open(log_path, "w", newline="")  # closed below
+    log = io.StringIO()
+    if files:
+        with writing(log_path):
+            log = open(log_path, "w", newline="")  # closed below
     writer = csv.writer(log)
     writer.writerow(["step", "loss", "lr", "phase"])
     bar = tqdm(total=cfg.steps, desc="finetune", unit="step", disable=not cfg.progress)
@@ -157,6 +278,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
                 bar.update(1)
                 bar.set_postfix(loss=f"{res.loss:.4f}", phase=phase)
     finally:
+        for p in enc:
+            p.requires_grad_(True)
         try:
             log.close()
         except OSError:
@@ -167,12 +290,21 @@ def finetune(cfg: FinetuneConfig) -> dict:
     target = torch.cat([lab[h:].flatten() for lab, h in zip(labels, halves)])
     dice = dice_per_class(pred, target, len(names))
     fg = [d for d in dice[1:] if d == d]
+    pretrained = info.get("pretrained")
     result = {"dice": dict(zip(names, dice)),
               "mean_foreground_dice": sum(fg) / len(fg) if fg else float("nan"),
-              "pretrained": None if mae is None else cfg.pretrained, "model": name, "size": size,
+              "pretrained": pretrained, "model": info.get("model", cfg.model),
+              "size": info.get("size", cfg.size),
               "evaluated_on": "held-out second half of axis 0"
                               + (f" of each of {len(images)} volumes" if len(images) > 1 else ""),
               "config": asdict(cfg)}
+    label = "pretrained" if pretrained is not None else "from scratch"
+    print(f"mae3d finetune ({label}, {cfg.steps} steps): Dice on the held-out half")
+    for n, d in zip(names, dice):
+        print(f"  {n:<14} {d:.4f}")
+    if not files:
+        print(f"  mean foreground {result['mean_foreground_dice']:.4f}")
+        return result
     out_json, out_csv = os.path.join(cfg.out, "dice.json"), os.path.join(cfg.out, "dice.csv")
     with writing(out_json), open(out_json, "w") as f:
         json.dump(result, f, indent=2)
@@ -186,9 +318,5 @@ def finetune(cfg: FinetuneConfig) -> dict:
     with writing(weights):
         save_file({k: v.detach().cpu().contiguous().clone() for k, v in net.state_dict().items()},
                   weights)
-    label = "pretrained" if mae is not None else "from scratch"
-    print(f"mae3d finetune ({label}, {cfg.steps} steps): Dice on the held-out half")
-    for n, d in zip(names, dice):
-        print(f"  {n:<14} {d:.4f}")
     print(f"  mean foreground {result['mean_foreground_dice']:.4f}  ->  {out_json}")
     return result
