@@ -16,6 +16,16 @@ scripts/gpu_check.sh). Each question writes its CSV rows as soon as it has them.
   wattn     window_attention3d's design rows at the BertsWin shape (b2, shift 3): the bias read
             from a shared-memory staged column (default) vs in place (gather) vs dense padded
             tiles (MAE3D_WATTN_BIAS), forward and forward + backward each.
+  sparse_conv  issue 16: the rebuilt Triton sparse conv (channels-last input) against cuDNN's
+            dense conv + mask and the packed backend (``max_active`` = the mask's visible count,
+            so no host sync; its cost rule picks packed or dense per pass), at the two
+            production shapes (32->32 at 2x32x160^3 with 16^3 blocks, 64->64 at 2x64x80^3 with
+            8^3 blocks), ratios 0.75 and 0.9, fwd and fwd+bwd: p50 ms, effective TFLOP/s (active
+            FLOPs / time) and the active fraction; plus, at the 32-channel shape, the packed
+            path forced (cuDNN on the packed batch, whatever the cost rule says) and Triton
+            launch variants (occupancy 1 / 4 programs per SM: no recompile; 1 pipeline stage =
+            L1-cached loads instead of cp.async: 3 recompiles). ~50 s on an H100 (13 Triton
+            compiles of ~3 s; 40 timed passes, 4 of them the forced packed path).
 Rows: question, op, case, variant, metric, value, unit, device, torch, triton, git_sha, date.
 
     python -m bench.gpu_design --out design.csv --configs configs.json        # CUDA
@@ -454,7 +464,141 @@ def tune(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int, configs: Pa
                 configs.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
-QUESTIONS = ("profile", "graph", "tune", "wattn")
+@contextlib.contextmanager
+def _triton_sparse_conv(stages: int | None = None, occupancy: int | None = None):
+    """The Triton sparse-conv launchers with another pipeline depth / persistent occupancy."""
+    from mae3d.kernels import sparse_conv as K
+
+    saved = K._STAGES, K._OCCUPANCY
+    K._STAGES = stages or K._STAGES
+    K._OCCUPANCY = occupancy or K._OCCUPANCY
+    try:
+        with use_backend(sparse_conv3d="triton"):
+            yield
+    finally:
+        K._STAGES, K._OCCUPANCY = saved
+
+
+def _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype):
+    from mae3d.masking import random_block_mask, upsample_block_mask, visible_count
+
+    g = torch.Generator().manual_seed(0)
+    grid = -(-size // bs)
+    m = random_block_mask(B, grid, ratio, generator=g)
+    # the packed backend's capacity: the visible cells per sample the mask was drawn with (no
+    # host read of the mask; without it the packed backend on CUDA runs the dense conv + mask)
+    max_active = visible_count(grid**3, ratio)
+    vox = upsample_block_mask(m, bs, (size,) * 3).to(dev)
+    cl = torch.channels_last_3d
+    x = (torch.randn(B, cin, size, size, size, device=dev, dtype=dtype) * vox).contiguous(
+        memory_format=cl
+    )
+    w = (
+        torch.randn(cout, cin, 3, 3, 3, device=dev, dtype=dtype) / (27 * cin) ** 0.5
+    ).requires_grad_()
+    b = torch.zeros(cout, device=dev, dtype=dtype, requires_grad=True)
+    gy = torch.randn(B, cout, size, size, size, device=dev, dtype=dtype).contiguous(
+        memory_format=cl
+    )
+    return x, w, b, m.to(dev), vox, gy, max_active
+
+
+@contextlib.contextmanager
+def _packed_forced():
+    """The packed backend with its cost rule overruled: every pass packs (cuDNN on the packed
+    batch of active blocks + halo)."""
+    from mae3d.ops._torch_backends import sparse_conv_plan as plan
+
+    saved = plan.packed_is_cheaper
+    plan.packed_is_cheaper = lambda *a, **k: True
+    try:
+        with use_backend(sparse_conv3d="packed"):
+            yield
+    finally:
+        plan.packed_is_cheaper = saved
+
+
+def _sparse_conv_providers(variants: bool) -> dict[str, Callable]:
+    """variant -> context manager factory (dense_mask: no sparse backend at all)."""
+    out = {
+        "triton": _triton_sparse_conv,
+        "dense_mask": contextlib.nullcontext,  # cuDNN (CPU: oneDNN) conv, then the mask
+        "packed": lambda: use_backend(sparse_conv3d="packed"),  # its cost rule per pass
+    }
+    if variants:  # the packed batch itself, launch variants (at the 32-channel shape)
+        out["packed_forced"] = _packed_forced
+        out["triton_occ1"] = lambda: _triton_sparse_conv(occupancy=1)
+        out["triton_occ4"] = lambda: _triton_sparse_conv(occupancy=4)
+        out["triton_stages1"] = lambda: _triton_sparse_conv(stages=1)
+    return out
+
+
+def _sparse_conv_case(
+    w: Writer, dev, dtype, shape, ratio, variants: bool, reps: int, modes=("fwd", "fwd+bwd")
+) -> None:
+    import torch.nn.functional as F
+
+    from mae3d.ops import sparse_conv3d
+    from mae3d.ops.sparse_conv import active_output_voxels, sparse_conv3d_flops
+
+    name, B, cin, cout, size, bs = shape
+    x, wt, b, m, vox, gy, bound = _sparse_conv_inputs(B, cin, cout, size, bs, ratio, dev, dtype)
+    case = f"{name}@r{ratio:g}"
+    n_act = active_output_voxels(m, bs, 1, (size,) * 3)
+    w.row("sparse_conv", "sparse_conv3d", case, "-", "active_fraction", n_act / (B * size**3), "")
+    flops = sparse_conv3d_flops(tuple(wt.shape), n_act)
+    xg = x.detach().requires_grad_()
+    for variant, ctx in _sparse_conv_providers(variants).items():
+        if variant == "dense_mask":
+
+            def conv(xx):
+                return F.conv3d(xx, wt, b, 1, 1) * vox
+
+        else:
+
+            def conv(xx):
+                return sparse_conv3d(xx, wt, b, m, bs, max_active=bound)
+
+        steps = {
+            "fwd": lambda conv=conv: conv(x),
+            "fwd+bwd": lambda conv=conv: torch.autograd.grad(conv(xg), (xg, wt, b), gy),
+        }
+        for mode in modes:
+            step = steps[mode]
+            try:
+                with ctx():
+                    ms = _time_ms(step, dev, reps)
+            except Exception as e:  # a provider that fails is an answer too
+                w.row(
+                    "sparse_conv",
+                    "sparse_conv3d",
+                    case,
+                    variant,
+                    f"{mode}_error",
+                    type(e).__name__,
+                    "",
+                )
+                continue
+            tf = flops * (3 if mode == "fwd+bwd" else 1) / (ms * 1e-3) / 1e12
+            w.row("sparse_conv", "sparse_conv3d", case, variant, f"{mode}_ms", ms, "ms")
+            w.row("sparse_conv", "sparse_conv3d", case, variant, f"{mode}_tflops", tf, "TFLOP/s")
+
+
+def sparse_conv(w: Writer, dev: torch.device, dtype, tiny: bool, reps: int) -> None:
+    if tiny:  # the dry run: one interpreted fwd+bwd per provider
+        _sparse_conv_case(
+            w, dev, dtype, ("1x4x4x8^3-b4", 1, 4, 4, 8, 4), 0.75, False, reps, ("fwd+bwd",)
+        )
+        return
+    shapes = [("2x32x32x160^3-b16", 2, 32, 32, 160, 16), ("2x64x64x80^3-b8", 2, 64, 64, 80, 8)]
+    for i, shape in enumerate(shapes):
+        for ratio in (0.75, 0.9):
+            _sparse_conv_case(w, dev, dtype, shape, ratio, i == 0, reps)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+
+
+QUESTIONS = ("profile", "graph", "tune", "wattn", "sparse_conv")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -480,6 +624,8 @@ def main(argv: list[str] | None = None) -> int:
             wattn(w, dev, dtype, a.tiny, a.reps)
         if "tune" in a.questions:
             tune(w, dev, dtype, a.tiny, a.reps, a.configs)
+    if "sparse_conv" in a.questions:  # each provider picks its own backend
+        sparse_conv(w, dev, dtype, a.tiny, a.reps)
     return 0
 
 

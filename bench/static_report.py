@@ -194,12 +194,17 @@ def _window_attention_case(batch: int, shift: int):
     return build
 
 
-def _sparse_conv_case(cin: int, cout: int, size: int, block: int, stride: int):
+def _sparse_conv_case(
+    cin: int, cout: int, size: int, block: int, stride: int, channels_last: bool = False
+):
     def build(device, proxy):
         from mae3d.ops import sparse_conv3d
 
         B, ci, co, n, bs = (1, 2, 2, 4, 4) if proxy else (2, cin, cout, size, block)
-        x = _t((B, ci, n, n, n), device, grad=True)
+        x = _t((B, ci, n, n, n), device)
+        if channels_last:  # the sparsified encoder's activations in channels-last memory
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        x.requires_grad_(True)
         w = _t((co, ci, 3, 3, 3), device, grad=True)  # autocast: bf16 weight and bias
         b = _t(co, device, grad=True)
         g = n // bs
@@ -235,13 +240,13 @@ STAGES = (
 )  # ResEnc-L, 160^3 patch, batch 2
 
 
-def _sc(ci, name, cin, cout, size, block, stride):
+def _sc(ci, name, cin, cout, size, block, stride, channels_last=False):
     return Case(
         "sparse_conv3d",
         name,
         (2, cin, size, size, size),
         torch.bfloat16,
-        _sparse_conv_case(cin, cout, size, block, stride),
+        _sparse_conv_case(cin, cout, size, block, stride, channels_last),
         ci,
     )
 
@@ -271,9 +276,14 @@ CASES: tuple[Case, ...] = (
         for b in (2, 8)
         for s in (0, 3)
     ),
-    _sc(True, "32-32k3s1-b16", 32, 32, 160, 16, 1),
-    _sc(True, "64-64k3s1-b8", 64, 64, 80, 8, 1),
-    _sc(True, "32-64k3s2-b16", 32, 64, 160, 16, 2),
+    # NCDHW input (converted to channels-last once per call) and channels-last input (read as
+    # it is; compiled in CI)
+    _sc(False, "32-32k3s1-b16", 32, 32, 160, 16, 1),
+    _sc(False, "64-64k3s1-b8", 64, 64, 80, 8, 1),
+    _sc(False, "32-64k3s2-b16", 32, 64, 160, 16, 2),
+    _sc(True, "32-32k3s1-b16-cl", 32, 32, 160, 16, 1, True),
+    _sc(True, "64-64k3s1-b8-cl", 64, 64, 80, 8, 1, True),
+    _sc(True, "32-64k3s2-b16-cl", 32, 64, 160, 16, 2, True),
     Case(
         "assemble_token_grid",
         "bertswin-b2",

@@ -24,12 +24,12 @@
 # measured case plus its warm-up calls):
 #   stage                  budget  estimate  what
 #   setup (before script)       -      25 s  wheels, pip -e . (no C++ build), first torch import
-#   smoke                      70      50 s  a: every op fwd+bwd vs its fp64 reference, bf16 and
-#                                            fp32, small shapes (26 Triton compiles, ~1 s of runs)
-#   ops_masked_norm            75      70 s  b: instance, 160^3 / 40^3 / 10^3 stages, fwd+bwd:
+#   smoke                      65      60 s  a: every op fwd+bwd vs its fp64 reference, bf16 and
+#                                            fp32, small shapes (30 Triton compiles, ~1 s of runs)
+#   ops_masked_norm            70      70 s  b: instance, 160^3 / 40^3 / 10^3 stages, fwd+bwd:
 #                                            mae3d, nnssl gather, eager, torch.compile (3 inductor
 #                                            compiles ~45 s; passes of 2.6 / 2.0 / 3.1 ms)
-#   ops_window_attention      110     120 s  b: BertsWin b2 then b8, shift 0 and 3, fwd, bwd and
+#   ops_window_attention      100     120 s  b: BertsWin b2 then b8, shift 0 and 3, fwd, bwd and
 #                                            fwd+bwd: mae3d, eager, SDPA, FlexAttention with the
 #                                            bias table as its learnable score_mod buffer and the
 #                                            shift mask as a block mask (10 Triton compiles ~40 s,
@@ -37,15 +37,24 @@
 #                                            timed yet; rows are written per case, so a cut
 #                                            loses the b8 cases first)
 #   ops_sparse_conv            55      60 s  b: 32->32 @160^3, 64->64 @80^3, ratio 0.75, fwd+bwd,
-#                                            NCDHW and NDHWC: mae3d (cuDNN dense + mask), Triton,
-#                                            packed (sync-free, cost rule), dense + mask (passes of
-#                                            35 / 14 and 10 / 3 ms; NDHWC never timed yet)
-#   design                     85      85 s  c: profiler split device vs host, CUDA-graph replay,
+#                                            NCDHW and NDHWC: mae3d (cuDNN dense + mask), Triton
+#                                            (the rebuilt kernel; its compiles stay in Triton's
+#                                            disk cache for the design stage), packed (sync-free,
+#                                            cost rule), dense + mask (passes of 35 / 14 and
+#                                            10 / 3 ms; NDHWC and the rebuilt kernel never timed)
+#   design                    110     110 s  c: profiler split device vs host, CUDA-graph replay,
 #                                            window-attention bias modes (smem / gather / dense,
 #                                            ~9 compiles), autotune sweeps (masked norm; window
 #                                            attention, ~11 compiles, each candidate checked
 #                                            against the default's outputs) -> configs.json
-#   models_bertswin            35      20 s  d: BertsWin base 224^3 b2 bf16 step, fused vs eager
+#                                            (~85 s); then the rebuilt Triton sparse conv
+#                                            (channels-last) vs cuDNN dense + mask vs packed
+#                                            (max_active) and packed forced, ratios 0.75 / 0.9,
+#                                            fwd and fwd+bwd, + launch variants (~25 s with the
+#                                            default kernels cached by ops_sparse_conv: 3
+#                                            recompiles; ~50 s cold; asked last, so a cut loses
+#                                            its 64-channel rows first)
+#   models_bertswin            30      20 s  d: BertsWin base 224^3 b2 bf16 step, fused vs eager
 #   models_swinunetr           35      40 s  d: MONAI SwinUNETR's Swin encoder (96^3, b2, bf16),
 #                                            fused window attention vs MONAI's own (needs the
 #                                            monai wheel in .whl/; ~10 Triton compiles)
@@ -53,8 +62,9 @@
 #                                            mae3d (dense convs on CUDA), mae3d_packed (packed
 #                                            sparse convs, no host sync), step + encoder, memory
 #   tests                    rest     200 s  e: the suite (tests/ops first), junit XML: what the
-#                                            deadline leaves (510 - 485 = 25 s by the estimates,
-#                                            0 s by the budgets: run it in a second call with
+#                                            deadline leaves (510 - 490 = 20 s by the estimates,
+#                                            each capped at its stage's budget; 0 s by the
+#                                            budgets: run it in a second call with
 #                                            MAE3D_GPU_STAGES=tests when the window allows)
 #   total              25 + 510  25 + 510 s  = 8.9 min of the device call (the stage budgets
 #                                            before tests sum to 510 <= the 510 s deadline:
@@ -160,16 +170,16 @@ else
 fi
 
 # a: correctness first: a wrong kernel makes every later number meaningless
-stage smoke 70 "$py" -m bench.gpu_smoke --out "$out/smoke.csv" "${dev[@]}" "${smoke_args[@]}"
+stage smoke 65 "$py" -m bench.gpu_smoke --out "$out/smoke.csv" "${dev[@]}" "${smoke_args[@]}"
 # b: the ops at production shapes against the decisive providers
-stage ops_masked_norm 75 "$py" -m bench.masked_norm "${bench[@]}" "${mn_args[@]}"
-stage ops_window_attention 110 "$py" -m bench.window_attention "${bench[@]}" "${wa_args[@]}"
+stage ops_masked_norm 70 "$py" -m bench.masked_norm "${bench[@]}" "${mn_args[@]}"
+stage ops_window_attention 100 "$py" -m bench.window_attention "${bench[@]}" "${wa_args[@]}"
 stage ops_sparse_conv 55 "$py" -m bench.sparse_conv "${bench[@]}" "${sc_args[@]}"
 # c: the kernel issues' design questions; sweep winners as a kernels/configs/<gpu>.json file
-stage design 85 "$py" -m bench.gpu_design --out "$out/design.csv" \
+stage design 110 "$py" -m bench.gpu_design --out "$out/design.csv" \
     --configs "$out/configs.json" "${dev[@]}" "${design_args[@]}"
 # d: whole training steps against their baselines, with peak memory
-stage models_bertswin 35 "$py" -m bench.bertswin "${bench[@]}" "${bw_args[@]}"
+stage models_bertswin 30 "$py" -m bench.bertswin "${bench[@]}" "${bw_args[@]}"
 stage models_swinunetr 35 "$py" -m bench.swinunetr "${bench[@]}" "${sw_args[@]}"
 stage models_s3d 45 "$py" -m bench.s3d "${bench[@]}" "${s3d_args[@]}"
 # e: the test suite, with whatever time is left

@@ -69,6 +69,15 @@ def test_gpu_plan_dry_run(tmp_path):
         "assemble_token_grid",
     }
     assert all(r["ok"] == "True" for r in smoke)
+    with open(out / "design.csv", newline="") as f:
+        design = [r for r in csv.DictReader(f) if r["question"] == "sparse_conv"]
+    # the sparse-conv design question: every provider measured, none failed
+    assert {r["variant"] for r in design if r["metric"] == "fwd+bwd_ms"} == {
+        "triton",
+        "dense_mask",
+        "packed",
+    }
+    assert not [r for r in design if r["metric"].endswith("_error")], design
     with open(out / "gpu.csv", newline="") as f:
         ops = {r["op"] for r in csv.DictReader(f)}
     assert {

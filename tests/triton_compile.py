@@ -67,16 +67,35 @@ def run_window_attention(dtype):
 
 
 def run_sparse_conv(dtype):
+    from mae3d.kernels.sparse_conv import sparse_conv3d_bwd
+
     from mae3d.ops import sparse_conv3d
 
-    configs = ((3, 4, 3, 1, True), (4, 2, 2, 2, True), (2, 3, 1, 1, True), (1, 4, 3, 1, False))
-    if dtype != torch.float32:  # each config compiles 2-3 kernels: fewer for other dtypes
-        configs = configs[:2] if dtype != torch.float64 else configs[2:3]
-    for cin, cout, k, stride, x_grad in configs:
-        x = torch.empty(1, cin, 8, 8, 8, dtype=dtype, device=DEV).requires_grad_(x_grad)
-        m = random_block_mask(1, (2, 2, 2), 0.875, generator=torch.Generator().manual_seed(0))
+    cl = torch.channels_last_3d
+    # (cin, cout, k, stride, x needs grad, memory format, block size): 4^3 / 8^3 blocks give
+    # tiles inside one cell (dgrad on bricks at stride 1), 2^3 tiles straddling cells
+    configs = (
+        (3, 4, 3, 1, True, torch.contiguous_format, 4),
+        (4, 2, 2, 2, True, torch.contiguous_format, 4),
+        (2, 3, 1, 1, True, torch.contiguous_format, 4),
+        (1, 4, 3, 1, False, torch.contiguous_format, 4),
+        (16, 16, 3, 2, True, cl, 8),
+        (16, 32, 3, 1, True, cl, 2),
+    )
+    if dtype != torch.float32:  # each config compiles 4-5 kernels: fewer for other dtypes
+        configs = configs[:2] + configs[4:5] if dtype != torch.float64 else configs[2:3]
+    for cin, cout, k, stride, x_grad, fmt, bs in configs:
+        x = torch.empty(1, cin, 8, 8, 8, dtype=dtype, device=DEV).contiguous(memory_format=fmt)
+        x.requires_grad_(x_grad)
+        m = random_block_mask(1, (8 // bs,) * 3, 0.5, generator=torch.Generator().manual_seed(0))
         w, b = _leaf((cout, cin, k, k, k), dtype), _leaf(cout, dtype)
-        _grads(sparse_conv3d(x, w, b, m.to(DEV), 4, stride), [x, w, b])
+        _grads(sparse_conv3d(x, w, b, m.to(DEV), bs, stride), [x, w, b])
+    if dtype == torch.bfloat16:  # the active-only input gradient (a launcher flag)
+        x = torch.empty(1, 16, 8, 8, 8, dtype=dtype, device=DEV).contiguous(memory_format=cl)
+        g = torch.empty(1, 16, 8, 8, 8, dtype=dtype, device=DEV).contiguous(memory_format=cl)
+        w = torch.empty(16, 16, 3, 3, 3, dtype=dtype, device=DEV)
+        m = torch.ones(1, 2, 2, 2, dtype=torch.bool, device=DEV)
+        sparse_conv3d_bwd(g, x, w, m, 4, 1, 1, True, True, active_only=True)
 
 
 def run_token_grid(dtype):

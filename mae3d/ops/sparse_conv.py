@@ -32,7 +32,7 @@ from mae3d._geometry import output_block_mask, output_block_size
 from mae3d.ops import _checks
 from mae3d.ops._backend import Backend, OpBackends, as_in_forward, impl, remember
 from mae3d.ops._flops import register_flop_formula
-from mae3d.ops._torch_backends.sparse_conv import active_only, memory_format
+from mae3d.ops._torch_backends.sparse_conv import memory_format
 
 _TRITON, _TORCH = "mae3d.kernels.sparse_conv", "mae3d.ops._torch_backends.sparse_conv"
 # Measured on an H100 (bf16, ResEnc-L's 32-ch 160^3 and 64-ch 80^3 convs, 16^3 blocks;
@@ -56,11 +56,6 @@ BACKENDS = OpBackends(
            ("cpu", "default: gather active blocks + halo, dense conv, scatter")),
 )
 backend_for = BACKENDS.choose
-
-
-# Backends that take the op's options themselves; the others run without them and the op applies
-# active_grad_x to their input gradient (a mask: exact).
-_WITH_OPTIONS = ("packed", "reference")
 
 
 def _backend(device_type: str, backward: bool):
@@ -122,14 +117,15 @@ def _sparse_conv3d_backward_op(
     _checks.sparse_conv3d_backward(grad_out, x, weight, block_mask, block_size, stride, padding,
                                    has_bias, needs_grad_x, max_active, active_grad_x)
     name, fns = _backend(x.device.type, True)
+    # grad_out keeps its layout (a channels-last gradient is not copied to NCDHW; every backend
+    # takes either, the Triton kernels read channels-last natively).
     args = (grad_out.contiguous(memory_format=memory_format(grad_out)), x, weight, block_mask,
             block_size, stride, padding, has_bias, needs_grad_x)
-    if name in _WITH_OPTIONS:
-        return fns.bwd(*args, max_active=max_active, active_grad_x=active_grad_x)
-    gx, gw, gb = fns.bwd(*args)
-    if active_grad_x and needs_grad_x:
-        gx = active_only(gx, block_mask, block_size, True)
-    return gx, gw, gb
+    if name == "triton":
+        # its tile lists are built on the device (no max_active needed); with active_grad_x its
+        # dgrad runs on the active input blocks only (no halo tiles) and zero-fills the rest
+        return fns.bwd(*args, active_only=active_grad_x)
+    return fns.bwd(*args, max_active=max_active, active_grad_x=active_grad_x)
 
 
 @_sparse_conv3d_backward_op.register_fake

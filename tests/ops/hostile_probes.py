@@ -561,6 +561,71 @@ good("autograd/meta/assemble_token_grid", meta_case("assemble_token_grid", lambd
 
 
 # --------------------------------------------------------------------------------------------
+# sparse_conv3d on the Triton kernels: layouts, odd geometry, mask dtypes, launcher limits
+# --------------------------------------------------------------------------------------------
+def sc_triton(x, block_size, stride, mask_dtype=torch.bool, k=3):
+    """The op on the Triton backend, forward and backward, against the reference."""
+    def fn():
+        from mae3d.reference import sparse_conv3d_reference
+
+        B, C = x.shape[:2]
+        grid = [-(-s // block_size) for s in x.shape[2:]]
+        m = (torch.rand(B, *grid, generator=torch.Generator().manual_seed(3)) > 0.5).to(
+            mask_dtype)
+        w, b = r(4, C, k, k, k, seed=1), r(4, seed=2)
+        outs = []
+        for backend in ("triton", "reference"):
+            xx, ww, bb = leaves(x.detach().clone(memory_format=torch.preserve_format),
+                                w.clone(), b.clone())
+            with use_backend(sparse_conv3d=backend):
+                y = (mae3d.ops.sparse_conv3d(xx, ww, bb, m, block_size, stride) if backend ==
+                     "triton" else sparse_conv3d_reference(xx, ww, bb, m, block_size, stride))
+                y.backward(torch.ones_like(y))
+            outs.append((y, xx.grad, ww.grad, bb.grad))
+        return outs
+    return fn
+
+
+def sc_triton_matches(outs):
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+good("sparse_conv3d/triton/channels-last-odd", sc_triton(
+    r(1, 3, 5, 7, 6).contiguous(memory_format=torch.channels_last_3d), 3, 1), sc_triton_matches,
+    "triton")
+good("sparse_conv3d/triton/strided-input-stride-2", sc_triton(
+    r(1, 3, 9, 8, 12)[:, :, :, :, ::2], 4, 2), sc_triton_matches, "triton")
+good("sparse_conv3d/triton/uint8-mask-aligned", sc_triton(
+    r(2, 2, 8, 8, 8), 4, 1, torch.uint8), sc_triton_matches, "triton")
+
+
+def sc_launcher(name, **kw):
+    from mae3d.kernels import sparse_conv as K
+
+    a = dict(x=r(2, 3, 8, 8, 8), weight=r(4, 3, 3, 3, 3), bias=r(4),
+             block_mask=torch.ones(2, 2, 2, 2, dtype=torch.bool), block_size=4, stride=1,
+             padding=1)
+    a.update(kw)
+    return getattr(K, name)(*a.values())
+
+
+for _name, _arg, _fn in (
+    ("launcher-mask-float", "block_mask",
+     lambda: sc_launcher("sparse_conv3d_fwd", block_mask=torch.ones(2, 2, 2, 2))),
+    ("launcher-weight-channels", "weight",
+     lambda: sc_launcher("sparse_conv3d_fwd", weight=r(4, 2, 3, 3, 3))),
+    # 2**32 tiles of 128 voxels (meta tensors: nothing is allocated)
+    ("launcher-int32-tile-ids", "int32 tile ids",
+     lambda: sc_launcher("sparse_conv3d_fwd", x=meta(torch.empty(0)).new_empty(
+         64, 1, 4096, 4096, 512), weight=meta(r(4, 1, 3, 3, 3)), bias=None,
+         block_mask=torch.ones(64, 256, 256, 32, dtype=torch.bool, device="meta"),
+         block_size=16)),
+):
+    PROBES.append(Probe(f"sparse_conv3d_triton/{_name}", _fn, _arg, needs="triton"))
+
+
+# --------------------------------------------------------------------------------------------
 # Backend names
 # --------------------------------------------------------------------------------------------
 def forced(*names, **per_op):

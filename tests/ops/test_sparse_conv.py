@@ -386,15 +386,17 @@ def test_triton_gradcheck_float64(triton_device):
 
 @pytest.mark.triton
 def test_tile_list_is_built_on_device_active_first():
-    from mae3d.kernels.sparse_conv import _tile_list
+    from mae3d.kernels.sparse_conv import _Geometry, _mask_u8, _tile_list
 
-    vox = torch.zeros(2, 4, 4, 6, dtype=torch.bool)
-    vox[0, 3, 0, 5] = vox[1, 0, 3, 0] = vox[1, 2, 2, 2] = True
-    tiles, count, nT = _tile_list(vox, (2, 2, 4))
-    assert nT == [2, 2, 2] and tiles.dtype == torch.int32 and tiles.numel() == 16
-    assert count.tolist() == [3]
+    # 8^3 output, 4^3 cells (2 x 2 x 2 per sample), tiles of 4 x 4 x 4: one tile per cell
+    m = torch.zeros(2, 2, 2, 2, dtype=torch.bool)
+    m[0, 1, 0, 1] = m[1, 0, 1, 0] = m[1, 1, 1, 1] = True
+    geo = _Geometry(torch.zeros(2, 1, 8, 8, 8), torch.zeros(1, 1, 3, 3, 3), m, 4, 1, 1)
+    tiles, count, nT, n = _tile_list(geo, _mask_u8(m), 0, geo.outsp)
+    assert nT == [2, 2, 2] and n == 16 and tiles.numel() == 16
+    assert count.tolist() == 3
     # tile ids are (b, td, th, tw) row-major; the three active ones first, in order
-    assert tiles[:3].tolist() == [0 * 8 + 1 * 4 + 0 * 2 + 1, 8 + 0 + 2 + 0, 8 + 4 + 2 + 0]
+    assert tiles[:3].tolist() == [0 * 8 + 1 * 4 + 0 * 2 + 1, 8 + 0 + 2 + 0, 8 + 4 + 2 + 1]
     assert sorted(tiles.tolist()) == list(range(16))
 
 

@@ -8,8 +8,8 @@ import itertools
 
 import pytest
 import torch
-from mae3d_testing import no_tf32
-from test_sparse_conv import BUDGET, FLOOR, make_case, run
+from mae3d_testing import assert_within_budget, no_tf32
+from test_sparse_conv import make_case, run
 
 import mae3d.ops._torch_backends.sparse_conv as SC
 from mae3d.masking import upsample_block_mask
@@ -47,23 +47,14 @@ def op_with(**opts):
 
 
 def assert_matches(case, stride, padding, fn=sparse_conv3d, backend="packed"):
-    """fn's output and gradients against the float64 reference within the error budget of
-    tests/ops/test_sparse_conv.py (eager in the same dtype as the yardstick)."""
+    """fn's output and gradients against the float64 reference within the tests' one tolerance
+    rule (``mae3d_testing``: eager in the same dtype as the yardstick)."""
     dtype = case["dtype"]
     exact = run(sparse_conv3d_reference, case, torch.float64, stride, padding)
     eager = run(sparse_conv3d_reference, case, dtype, stride, padding)
     with use_backend(backend), no_tf32():
         got = run(fn, case, dtype, stride, padding)
-    for name, e, r, o in zip(("out", "grad_x", "grad_weight", "grad_bias"), exact, eager, got):
-        assert o.dtype == dtype and o.shape == e.shape, name
-        scale = max(1.0, e.abs().max().item())
-        allowed = (
-            BUDGET["out" if name == "out" else "grad"]
-            * (r.detach().double() - e).abs().max().item()
-            + FLOOR[dtype] * scale
-        )
-        err = (o.detach().double() - e).abs().max().item()
-        assert err <= allowed, f"{name}: max error {err:.3g} > allowed {allowed:.3g}"
+    assert_within_budget(got, exact, eager, ("out", "grad_x", "grad_weight", "grad_bias"))
     return got
 
 
@@ -246,12 +237,31 @@ def test_active_grad_x_reference(block_size, k, stride, padding):
 
 
 @pytest.mark.triton
-def test_active_grad_x_triton_is_masked_after_its_dgrad(triton_device):
-    """The Triton dgrad computes the halo; the op masks its grad_x afterwards."""
+@pytest.mark.parametrize(("block_size", "k", "stride", "padding"), ACTIVE_CASES)
+def test_active_grad_x_triton_runs_the_active_only_dgrad(
+    triton_device, monkeypatch, block_size, k, stride, padding
+):
+    """The op hands active_grad_x to the Triton launcher (``active_only``: its dgrad covers the
+    active input blocks only, no halo tiles, and zero-fills the rest): grad_x is the full one on
+    active input voxels, exactly 0 elsewhere; the parameter gradients are the full op's."""
     if triton_device != "cpu":
         pytest.skip("compared on CPU tensors under the interpreter")
-    case = make_case((1, 2, 8, 8, 8), 3, 3, 4, 0.5, torch.float64, seed=2)
-    check_active_grad_x(case, 1, 1, "triton")
+    from mae3d.kernels import sparse_conv as K
+
+    launched, real = [], K.sparse_conv3d_bwd
+
+    def spy(*args, **kwargs):
+        launched.append(kwargs.get("active_only"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(K, "sparse_conv3d_bwd", spy)
+    case = make_case(
+        (1, 2, *SHAPE_FOR_BLOCK[block_size]), 3, k, block_size, 0.5, torch.float64, seed=k
+    )
+    differs = check_active_grad_x(case, stride, padding, "triton")
+    assert launched == [True]
+    if k == 3 and block_size >= stride:  # the halo gradient was really dropped
+        assert differs.any()
 
 
 def test_active_grad_x_opcheck(packed_path):
