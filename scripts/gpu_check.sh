@@ -69,6 +69,14 @@
 #   total              25 + 510  25 + 510 s  = 8.9 min of the device call (the stage budgets
 #                                            before tests sum to 510 <= the 510 s deadline:
 #                                            tests/test_gpu_check_dry_run.py checks it)
+# Opt-in stages (after the suite; they run only when MAE3D_GPU_STAGES names them, in a device call
+# of their own: MAE3D_GPU_STAGES=convergence bash scripts/gpu_check.sh OUT, ~8 min in all):
+#   convergence               420       ? s  f: BertsWin + GradientConductor vs BertsWin + AdamW vs
+#                                            ViT-MAE + AdamW (bench.convergence: "small" presets,
+#                                            128^3 crops, 16^3 cells, batch 4 x 5 micro-batches,
+#                                            bf16, 100 steps, held-out MSE every 20; never timed:
+#                                            writes convergence-<device>.{csv,png,json}
+#                                            at the end)
 # Outputs (8 files, flat, each well under 16 MB): gpu.csv (benchmark rows, bench/harness.py
 # columns), smoke.csv, design.csv, configs.json (commit as kernels/configs/<gpu>.json),
 # tests.xml, log.txt, env.txt, stages.csv (stage, budget, limit, seconds used, rc, status).
@@ -100,6 +108,7 @@ else
 fi
 
 echo "stage,budget_s,limit_s,used_s,rc,status" >"$out/stages.csv"
+optional="convergence"  # stages that run only when MAE3D_GPU_STAGES names them
 
 stage() {  # stage NAME BUDGET CMD...: run CMD under min(budget, time to the deadline)
     local name=$1 budget=$2
@@ -109,6 +118,9 @@ stage() {  # stage NAME BUDGET CMD...: run CMD under min(budget, time to the dea
     [ "$dry" = 1 ] && [ "$budget" -lt 150 ] && budget=150
     if [ -n "${MAE3D_GPU_STAGES:-}" ] && [[ " $MAE3D_GPU_STAGES " != *" $name "* ]]; then
         return 0
+    fi
+    if [ -z "${MAE3D_GPU_STAGES:-}" ] && [[ " $optional " == *" $name "* ]]; then
+        return 0  # an opt-in stage: only when MAE3D_GPU_STAGES names it
     fi
     local left=$((deadline - (SECONDS - t_start)))
     local limit=$((budget < left ? budget : left))
@@ -151,6 +163,7 @@ if [ $tiny = 1 ]; then
     bw_args=(--quick --cases tiny --providers mae3d,eager --min-run-time 0.05)
     sw_args=(--size 32 --feature-size 12 --samples 1 --min-run-time 0.01)
     pytest_args=(tests/test_gpu_tables.py)
+    conv_args=(--quick)
 else
     mn_args=(--mode instance --shapes 2x32x160x160x160,2x128x40x40x40,2x320x10x10x10
              --providers mae3d,nnssl_gather,eager_formula,compiled_formula --passes fwd+bwd
@@ -167,6 +180,7 @@ else
     bw_args=(--cases published --providers mae3d,eager --rep-ms 30)
     sw_args=(--rep-ms 30)
     pytest_args=(tests/ops tests)
+    conv_args=(--steps 100 --eval-every 20)
 fi
 
 # a: correctness first: a wrong kernel makes every later number meaningless
@@ -186,6 +200,8 @@ stage models_s3d 45 "$py" -m bench.s3d "${bench[@]}" "${s3d_args[@]}"
 # shellcheck disable=SC2086
 stage tests 100000 "$py" -m pytest -q -rfE -p no:cacheprovider --junitxml="$out/tests.xml" \
     "${pytest_args[@]}" ${MAE3D_PYTEST_ARGS:-}
+# f (opt-in): the convergence comparison of the BertsWin paper at a GPU size
+stage convergence 420 "$py" -m bench.convergence --out "$out" "${dev[@]}" "${conv_args[@]}"
 
 echo "plan finished in $((SECONDS - t_start)) s (deadline $deadline s), status $status" | tee -a "$log"
 cat "$out/stages.csv"

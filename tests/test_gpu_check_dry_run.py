@@ -25,6 +25,7 @@ STAGES = [
     "models_s3d",
     "tests",
 ]
+OPTIONAL = ["convergence"]  # run only when MAE3D_GPU_STAGES names them
 
 
 @pytest.mark.triton
@@ -96,8 +97,8 @@ def test_gpu_plan_budgets_fit_the_deadline():
     text = (REPO / "scripts" / "gpu_check.sh").read_text()
     deadline = int(re.search(r"deadline=\$\{MAE3D_GPU_DEADLINE:-.*\|\| echo (\d+)\)\}", text)[1])
     budgets = dict(re.findall(r"^stage (\w+) (\d+) ", text, flags=re.M))
-    assert list(budgets) == STAGES
-    before_tests = sum(int(b) for name, b in budgets.items() if name != "tests")
+    assert list(budgets) == STAGES + OPTIONAL
+    before_tests = sum(int(budgets[name]) for name in STAGES if name != "tests")
     assert before_tests <= deadline, (before_tests, deadline)
     assert deadline + 25 <= 9 * 60
     # the header table states the same budgets
@@ -105,3 +106,23 @@ def test_gpu_plan_budgets_fit_the_deadline():
         if name != "tests":
             assert re.search(rf"^#   {name} +{budget} ", text, flags=re.M), name
     assert f"sum to {before_tests} <= the {deadline} s deadline" in text
+
+
+@pytest.mark.skipif(shutil.which("timeout") is None, reason="needs coreutils timeout")
+def test_gpu_plan_opt_in_stage(tmp_path):
+    """The opt-in convergence stage runs when MAE3D_GPU_STAGES names it (here alone, dry run:
+    bench.convergence --quick on the CPU) and writes its three files; a plain run skips it."""
+    out = tmp_path / "out"
+    env = {**os.environ, "MAE3D_GPU_DRY_RUN": "1", "PYTHON": sys.executable,
+           "MAE3D_GPU_STAGES": "convergence"}
+    proc = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh"), str(out)], env=env,
+                          capture_output=True, text=True, timeout=600)
+    log = (out / "log.txt").read_text() if (out / "log.txt").exists() else ""
+    assert proc.returncode == 0, proc.stdout[-3000:] + log[-6000:]
+    with open(out / "stages.csv", newline="") as f:
+        stages = {r["stage"]: r for r in csv.DictReader(f)}
+    assert list(stages) == ["convergence"] and stages["convergence"]["status"] == "ok", stages
+    names = {p.name for p in out.iterdir()}
+    made = sorted(n.rsplit(".", 1)[1] for n in names if n.startswith("convergence-"))
+    assert made == ["csv", "json", "png"], names
+    assert len(names) <= 8
