@@ -409,6 +409,11 @@ def data_key(text: str) -> list[str]:
     return [p if p == "mni152" else os.path.realpath(os.path.expanduser(p)) for p in parts]
 
 
+# fixed fields newer than some checkpoints: absent from a checkpoint's config, they had the default
+# (the model's recipe, its micro-batching), which the new value is compared with
+_DEFAULT_WHEN_ABSENT = ("optimizer", "accumulation_steps")
+
+
 def check_resume(meta: dict[str, Any], cfg: PretrainConfig, ckpt_step: int, world_size: int,
                  where: str) -> dict[str, list]:
     """Refuse what cannot change on resume; return {field: [checkpoint value, new value]} of the
@@ -416,20 +421,22 @@ def check_resume(meta: dict[str, Any], cfg: PretrainConfig, ckpt_step: int, worl
     old = {k: v for k, v in meta.get("config", {}).items() if k not in _RETIRED}
     bad = []
     for name in FIXED_ON_RESUME:
-        if name not in old:
+        if name not in old and name not in _DEFAULT_WHEN_ABSENT:
             continue
-        a, b = old[name], getattr(cfg, name)
+        a, b = old.get(name), getattr(cfg, name)
         if name == "data":
             same = meta.get("data_key", data_key(a)) == data_key(b)
         elif name == "optimizer":
             from mae3d.train.registry import recipe_name
 
-            same = recipe_name(old.get("model", cfg.model), a) == recipe_name(cfg.model, b)
+            a, b = recipe_name(old.get("model", cfg.model), a), recipe_name(cfg.model, b)
+            same = a == b
         elif name == "accumulation_steps":
             from mae3d.train.registry import accumulation_steps
 
-            same = accumulation_steps(old.get("model", cfg.model), old.get("optimizer"), a) == \
-                accumulation_steps(cfg.model, cfg.optimizer, b)
+            a = accumulation_steps(old.get("model", cfg.model), old.get("optimizer"), a)
+            b = accumulation_steps(cfg.model, cfg.optimizer, b)
+            same = a == b
         elif isinstance(b, float) and isinstance(a, (int, float)):
             same = float(a) == b
         else:

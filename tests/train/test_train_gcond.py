@@ -206,3 +206,25 @@ def test_torch_recipes_accumulate_micro_batches_as_their_mean():
         from mae3d.optim.published import build_recipe
 
         train_step([lambda: mae_loss(a, x2, m2)], build_recipe("gcond", a, 3))
+
+
+def test_resume_of_a_checkpoint_older_than_the_recipe_fields(tmp_path):
+    """A checkpoint whose config predates the optimizer / accumulation fields ran the model's
+    default recipe: resuming it with another recipe is refused (naming both), not loaded into
+    the wrong optimiser or thrown away; with the default it resumes."""
+    import glob
+    import json
+
+    out = str(tmp_path / "old")
+    T.pretrain(_bertswin(), [_volume()], out=out, steps=1, **_RUN)
+    (meta_path,) = glob.glob(os.path.join(out, "checkpoints", "*", "meta.json"))
+    with open(meta_path) as f:
+        meta = json.load(f)
+    for key in ("optimizer", "accumulation_steps"):
+        meta["config"].pop(key, None)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f)
+    with pytest.raises(UserError, match=r"--optimizer \(checkpoint 'adamw', now 'gcond'\)"):
+        T.pretrain(_bertswin(), [_volume()], out=out, recipe="gcond", steps=2, resume=True, **_RUN)
+    res = T.pretrain(_bertswin(), [_volume()], out=out, steps=2, resume=True, **_RUN)
+    assert res.start_step == 1 and res.step == 2
