@@ -55,6 +55,8 @@ def read(path: Path, key: Sequence[str]) -> dict[tuple[str, ...], dict]:
             return {tuple(r[c] for c in key): r for r in reader}
     except OSError as e:
         raise CompareError(f"{path}: {e.strerror or e}") from e
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise CompareError(f"{path}: not a readable CSV ({e})") from e
 
 
 def _float(row: dict, col: str) -> float:

@@ -142,6 +142,10 @@ def test_files_that_cannot_be_compared(base, tmp_path, capsys):
     assert "bad.csv: no column variant, mode, shape, dtype, device" in capsys.readouterr().err
     assert compare.main([str(base), str(tmp_path / "missing.csv")]) == 2
     assert "missing.csv" in capsys.readouterr().err
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    assert compare.main([str(base), str(binary)]) == 2  # not "regression"
+    assert "binary.csv: not a readable CSV" in capsys.readouterr().err
     broken = _write(tmp_path / "nan.csv", [_result("mae3d", float("nan"))])
     assert compare.main([str(base), str(broken)]) == 1  # a NaN time is no pass
     for argv in (["--threshold", "0.9"], ["--ignore", "p50_ms"], ["--mem-threshold", "0.5"]):
