@@ -261,8 +261,10 @@ def sparse_conv3d(
         padding: 0 or k // 2 (None = k // 2); dilation 1, groups 1.
         max_active: None, or the most True cells of ``block_mask`` in any one sample (an MAE
             mask's visible count, ``mae3d.masking.visible_count``): the packed backend then
-            packs a fixed number of blocks, so it runs on CUDA without a host sync. A sample with
-            more raises (ValueError on CPU; a device-side assert on CUDA); fewer is exact.
+            packs a fixed number of blocks, so it runs on CUDA without a host sync. With the
+            packed backend a sample with more raises (ValueError on CPU; a device-side assert
+            on CUDA); the other backends do not need the count and ignore it (their output is
+            exact either way). Fewer is exact.
         active_grad_x: compute x's gradient on the active blocks only (exactly 0 on inactive
             voxels: the gradient the halo reads would get is skipped). Parameter gradients are
             unchanged wherever every consumer of x's gradient drops inactive voxels (x is the
