@@ -476,6 +476,28 @@ def finish(data: Sequence[dict], path: Path | None, *notes: str) -> None:
         print(f"\n{len(data)} rows appended to {path}")
 
 
+def parse_device(text: str) -> str:
+    """argparse type for --device: a device torch knows, and CUDA only where it is available."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError) as e:
+        raise argparse.ArgumentTypeError(f"not a device: {text!r} ({e})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: this torch has no usable CUDA device")
+    return text
+
+
+def parse_ratios(text: str) -> tuple[float, ...]:
+    """argparse type for a comma list of mask ratios in [0, 1]."""
+    try:
+        ratios = tuple(float(r) for r in text.split(",") if r.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {text!r}") from None
+    if not ratios or any(not 0.0 <= r <= 1.0 for r in ratios):
+        raise argparse.ArgumentTypeError(f"expected numbers in [0, 1], got {text!r}")
+    return ratios
+
+
 def parse_list(allowed: tuple[str, ...]) -> Callable[[str], tuple[str, ...]]:
     """argparse type for a comma list restricted to ``allowed``."""
 
@@ -529,7 +551,8 @@ def start(op: str, args: argparse.Namespace, device: torch.device, dtype: torch.
 def add_run_args(p: argparse.ArgumentParser, dtypes: dict[str, torch.dtype]) -> None:
     """The flags every bench script shares: --device --dtype --threads --min-run-time --rep-ms
     --seed --out --no-csv (--quick and the sweep flags stay with each script)."""
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", type=parse_device,
+                   default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=sorted(dtypes), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--threads", type=int, help="torch.set_num_threads (published CPU: 2)")
     p.add_argument("--min-run-time", type=float, help="seconds per measurement")

@@ -191,7 +191,7 @@ def build_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", choices=sorted(CONFIGS),
                    help="default: resenc-l on CUDA, resenc-l-w4 on CPU, quick with --quick")
-    p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
+    p.add_argument("--ratios", type=H.parse_ratios, help="comma list of mask ratios in [0, 1]")
     p.add_argument("--providers", type=H.parse_list(PROVIDERS))
     p.add_argument("--quick", action="store_true",
                    help="small 5-stage ResEnc at 32^3, ratio 0.75, no torch.compile")

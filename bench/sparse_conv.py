@@ -199,9 +199,9 @@ def _parse_cases(text: str) -> list[tuple[int, ...]]:
 
 def build_config(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ratios", type=lambda s: tuple(float(r) for r in s.split(",")))
-    p.add_argument("--providers", type=lambda s: tuple(s.split(",")))
-    p.add_argument("--passes", type=lambda s: tuple(s.split(",")))
+    p.add_argument("--ratios", type=H.parse_ratios, help="comma list of mask ratios in [0, 1]")
+    p.add_argument("--providers", type=H.parse_list(PROVIDERS), help="comma list; default: all")
+    p.add_argument("--passes", type=H.parse_list(PASSES), help="comma list of fwd,bwd,fwd+bwd")
     p.add_argument("--quick", action="store_true",
                    help="CPU: one 64^3 conv, ratios 0 and 0.75, forward only")
     p.add_argument("--cases", type=_parse_cases,

@@ -186,3 +186,20 @@ def test_bench_script_errors_are_one_line(capsys):
     rc, _, err = run_cli(["bench", "--op", "convergence", "--models", "unet"], capsys)
     assert rc == 2 and len(err.strip().splitlines()) == 1 and "--models" in err, err
     assert argparse.ArgumentParser.error is before  # restored
+
+
+@pytest.mark.parametrize(
+    "op,args,flag",
+    [
+        ("sparse_conv", ["--ratios", "7"], "--ratios"),
+        ("sparse_conv", ["--passes", "bogus"], "--passes"),
+        ("sparse_conv", ["--providers", "bogus"], "--providers"),
+        ("s3d", ["--ratios", "0.5,x"], "--ratios"),
+        ("masked_norm", ["--device", "foo"], "--device"),
+        ("window_attention", ["--device", "nodevice:0"], "--device"),
+    ],
+)
+def test_bench_bad_values_are_one_line_user_errors(op, args, flag, capsys):
+    rc, _, err = run_cli(["bench", "--op", op, "--no-csv", *args], capsys)
+    assert rc == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"argument {flag}" in err
