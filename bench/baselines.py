@@ -144,24 +144,19 @@ def nnssl_emulation(model: torch.nn.Module) -> torch.nn.Module:
 # ------------------------------------------------------------------------------------------------
 # window_attention3d: q, k, v (B, D, H, W, heads, hd), table (T, heads)
 # ------------------------------------------------------------------------------------------------
+def _window_labels(g: _Windows, device: torch.device) -> Tensor:
+    """(nW, N) shift-region label of every token of every window (windows in raster order)."""
+    (pd, ph, pw), (wd, wh, ww) = g.padded, g.ws
+    lab = region_labels(g.padded, g.ws, g.ss, device)
+    lab = lab.view(pd // wd, wd, ph // wh, wh, pw // ww, ww).permute(0, 2, 4, 1, 3, 5)
+    return lab.reshape(-1, wd * wh * ww)
+
+
 def _bias_and_mask(g: _Windows, table: Tensor) -> Tensor:
     """(nW or 1, heads, N, N) additive bias + shift mask, as eager torchvision builds them."""
     bias = window_bias(table, g.ws)[None]
     if sum(g.ss) > 0:
-        lab = region_labels(g.padded, g.ws, g.ss, table.device)
-        lab = (
-            lab.view(
-                g.padded[0] // g.ws[0],
-                g.ws[0],
-                g.padded[1] // g.ws[1],
-                g.ws[1],
-                g.padded[2] // g.ws[2],
-                g.ws[2],
-            )
-            .permute(0, 2, 4, 1, 3, 5)
-            .flatten(3)
-        )
-        lab = lab.flatten(0, 2)  # (nW, N)
+        lab = _window_labels(g, table.device)
         mask = torch.where(lab[:, :, None] != lab[:, None, :], -100.0, 0.0).to(bias.dtype)
         bias = bias + mask[:, None]
     return bias
@@ -233,16 +228,7 @@ def flex_table_windows(window: tuple[int, int, int], shift: tuple[int, int, int]
         if sum(shift) > 0:
             key = (tuple(q.shape), q.device)
             if key not in masks:  # built once per shape, as a model would
-                lab = region_labels(g.padded, g.ws, g.ss, q.device)
-                lab = lab.view(
-                    g.padded[0] // g.ws[0],
-                    g.ws[0],
-                    g.padded[1] // g.ws[1],
-                    g.ws[1],
-                    g.padded[2] // g.ws[2],
-                    g.ws[2],
-                ).permute(0, 2, 4, 1, 3, 5)
-                lab = lab.reshape(nW, N)
+                lab = _window_labels(g, q.device)  # (nW, N)
 
                 def mask_mod(b, h, qi, ki):
                     return lab[b % nW, qi] == lab[b % nW, ki]
