@@ -374,6 +374,16 @@ def _from_dict(cls, d: dict[str, Any], source: str):
     return cls(**d)
 
 
+def check_options(caller: str, cls, options: dict[str, Any], exclude: tuple[str, ...]) -> None:
+    """TypeError, as for an unknown keyword, when ``options`` (a library call's keyword options)
+    names a field that is not one of ``cls``'s config fields outside ``exclude``."""
+    names = [f.name for f in dataclasses.fields(cls) if f.name not in exclude]
+    unknown = sorted(set(options) - set(names))
+    if unknown:
+        raise TypeError(f"{caller}() got unexpected option(s) {', '.join(unknown)}; options are "
+                        f"{', '.join(names)}")
+
+
 def load_config_file(path: str) -> dict[str, Any]:
     """Read a JSON object of config fields (``-`` in keys is accepted for ``_``)."""
     if not os.path.isfile(path):

@@ -16,7 +16,6 @@ matter / white matter on the MNI152 template.
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 import json
 import os
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 
 from mae3d.errors import UserError
 from mae3d.optim.recipes import build_optimizer, build_scheduler
-from mae3d.train.config import FinetuneConfig
+from mae3d.train.config import FinetuneConfig, check_options
 from mae3d.train.distributed import pick_device
 from mae3d.train.outputs import ensure_out_dir, writing
 from mae3d.train.registry import (
@@ -187,11 +186,7 @@ def finetune(net: nn.Module, data: Any, labels: Any = None, *, out: str | None,
     """
     if not isinstance(net, nn.Module):
         raise TypeError(f"finetune: net must be a torch.nn.Module, got {type(net).__name__}")
-    names = [f.name for f in dataclasses.fields(FinetuneConfig) if f.name not in _NOT_OPTIONS]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise TypeError(f"finetune() got unexpected option(s) {', '.join(unknown)}; options are "
-                        f"{', '.join(names)}")
+    check_options("finetune", FinetuneConfig, options, _NOT_OPTIONS)
     info = dict(getattr(net, "mae3d_finetune", None) or {})
     cfg = FinetuneConfig(pretrained=info.get("pretrained") or "none",
                          data=data if isinstance(data, str) else f"python:{type(data).__name__}",

@@ -24,7 +24,6 @@ current step, so more steps extend a finished run - and recorded in meta.json (`
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -44,7 +43,7 @@ from torch import nn
 from mae3d.errors import NonFiniteLossError, Terminated, UserError
 from mae3d.optim.recipes import Recipe
 from mae3d.train import checkpoint as ckpt
-from mae3d.train.config import PretrainConfig, check_resume, data_key
+from mae3d.train.config import PretrainConfig, check_options, check_resume, data_key
 from mae3d.train.distributed import (
     DistInfo,
     barrier,
@@ -178,11 +177,7 @@ def _config_for(model: nn.Module, data: Any, out: str | None, recipe: str | Reci
     ``cfg.data``)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"pretrain: model must be a torch.nn.Module, got {type(model).__name__}")
-    names = [f.name for f in dataclasses.fields(PretrainConfig) if f.name not in _NOT_OPTIONS]
-    unknown = sorted(set(options) - set(names))
-    if unknown:
-        raise TypeError(f"pretrain() got unexpected option(s) {', '.join(unknown)}; options are "
-                        f"{', '.join(names)}")
+    check_options("pretrain", PretrainConfig, options, _NOT_OPTIONS)
     spec = dict(getattr(model, "mae3d_spec", None) or {})
     if not spec:  # a model the registry did not build
         img = getattr(model, "img_size", None)
