@@ -69,9 +69,7 @@ def ctx(tmp_path_factory):
             "vol": os.path.join(data, "vol0.nii.gz")}
 
 
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _one_line(rc: int, err: str, needle: str) -> None:

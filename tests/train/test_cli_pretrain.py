@@ -9,21 +9,13 @@ import signal
 
 import pytest
 import torch
-from train_testing import run_cli, toy_args, write_volumes
+from train_testing import run_cli, toy_args
 
 from mae3d.train import checkpoint as ckpt
 from mae3d.train import step as train_step_module
 from mae3d.train.logs import read_log
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_volumes(str(tmp_path_factory.mktemp("vols")))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def test_pretrain_writes_checkpoint_and_csv(data_dir, tmp_path, capsys):

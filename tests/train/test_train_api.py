@@ -11,7 +11,6 @@ import os
 import numpy as np
 import pytest
 import torch
-from train_testing import write_volumes
 
 import mae3d
 import mae3d.train as T
@@ -20,15 +19,7 @@ from mae3d.testing import ToyMAE
 from mae3d.train import checkpoint as ckpt
 from mae3d.train.logs import read_log
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_volumes(str(tmp_path_factory.mktemp("vols")))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _arrays(n: int = 2, shape=(20, 22, 18)) -> list[np.ndarray]:

@@ -22,10 +22,7 @@ from mae3d.train import checkpoint as ckpt
 from mae3d.train import step as step_module
 from mae3d.train.logs import read_log
 
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _volume(n: int = 40) -> np.ndarray:

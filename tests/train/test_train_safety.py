@@ -18,15 +18,7 @@ from train_testing import run_cli, toy_args, write_volumes
 from mae3d.train import checkpoint as ckpt
 from mae3d.train.logs import read_log
 
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    return write_volumes(str(tmp_path_factory.mktemp("vols")))
-
-
-@pytest.fixture(autouse=True)
-def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("MAE3D_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("fresh_cache")
 
 
 def _steps_on_disk(out: str) -> list[str]:
