@@ -35,6 +35,16 @@ def _tile(s0, s_hi, c_ok, mask_ptr, m_off, HAS_MASK: tl.constexpr, NV: tl.conste
 
 
 @triton.jit
+def _x_strides(S, C, CL: tl.constexpr):
+    """(sample, channel, voxel) element strides of x with S voxels and C channels: NDHWC when
+    CL, else NCDHW; the sample stride in int64."""
+    if CL:
+        return tl.cast(S, tl.int64) * C, 1, C
+    else:
+        return tl.cast(C, tl.int64) * S, S, 1
+
+
+@triton.jit
 def _scalar(hi, LO: tl.constexpr, ACC: tl.constexpr):
     # A Python float arrives as fp32; hi + LO restores a float64 value for the float64 path.
     if LO == 0.0:
@@ -254,10 +264,7 @@ def _masked_norm_fused_fwd_kernel(
 ):
     """Statistics + normalisation of samples [b0, b0 + SAMPLES) x BLOCK_C channels in one
     program (grid (cdiv(B, SAMPLES), cdiv(C, BLOCK_C)))."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     b0 = tl.program_id(0) * SAMPLES
     b1 = tl.minimum(b0 + SAMPLES, B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -331,10 +338,7 @@ def _masked_norm_stats_kernel(
 ):
     """Partial (count, mean, M2) of units p, p + P, ... (unit u = chunk u % K of sample u // K)
     into part[:, c, p], layout (3, C, P); grid (cdiv(C, BLOCK_C), P)."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = c.to(tl.int64)[:, None, None] * stride_x_c
@@ -372,10 +376,7 @@ def _masked_norm_fwd_kernel(
     """Normalises chunk k of sample b (grid (B, cdiv(C, BLOCK_C), K)) with statistics merged from
     the partials of its groups: STATS 0 per (sample, channel) from this rank's partials
     [b*K, b*K + K), 1 per channel from every rank's partials, 2 the running statistics."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     b = tl.program_id(0)
     k = tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -447,10 +448,7 @@ def _masked_norm_fused_bwd_kernel(
     """Reductions + input gradient of samples [b0, b0 + SAMPLES) x BLOCK_C channels in one
     program; weight/bias gradients when the program holds every sample (the launcher sees to
     it)."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     b0 = tl.program_id(0) * SAMPLES
     b1 = tl.minimum(b0 + SAMPLES, B)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -525,10 +523,7 @@ def _masked_norm_bwd_reduce_kernel(
     """Partial (sum dy, sum dy * xhat) of units p, p + P, ... into part[:, c, p], layout
     (2, C, P); grid (cdiv(C, BLOCK_C), P). Plain sums: lanes accumulate, one reduction at the
     end."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     c_ok = c < C
     c_off = c.to(tl.int64)[:, None, None] * stride_x_c
@@ -569,10 +564,7 @@ def _masked_norm_bwd_kernel(
     """Input gradient of chunk k of sample b (grid (B, cdiv(C, BLOCK_C), K)), its coefficients
     summed from the partials (layout (WORLD, 2, C, P)); the programs of (b, k) = (0, 0) also
     write the weight/bias gradients of this rank."""
-    if CL:  # NDHWC
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(S, tl.int64) * C, 1, C
-    else:  # NCDHW
-        stride_x_b, stride_x_c, stride_x_s = tl.cast(C, tl.int64) * S, S, 1
+    stride_x_b, stride_x_c, stride_x_s = _x_strides(S, C, CL)
     b = tl.program_id(0)
     k = tl.program_id(2)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
