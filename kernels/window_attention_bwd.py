@@ -28,6 +28,8 @@ from .window_attention_tiles import (
     _col_info,
     _dot,
     _exp,
+    _head_bias,
+    _program_window,
     _row_info,
     _scales,
     _tokens,
@@ -122,22 +124,11 @@ def _window_attention3d_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     SHIFTED: tl.constexpr = (SD + SH + SW) > 0
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    g = pid % q_groups
-    bw_idx = pid // q_groups
-    nw = NWD * NWH * NWW
-    b = bw_idx // nw
-    o_d, o_h, o_w, cls = _window_origin(bw_idx % nw, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW)
-    dcol = tl.arange(0, BLOCK_D)
-    d_ok = dcol < HD
-    x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
-    tok0 = b.to(tl.int64) * D * H * W
+    g, h, o_d, o_h, o_w, cls, dcol, d_ok, x0, tok0 = _program_window(
+        q_groups, stride_x_b, stride_x_n, D, H, W, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW, HD,
+        BLOCK_D)
     scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
-    if BIAS_MODE == 1:
-        bias_ptr += h.to(tl.int64) * NP * NP
-    elif BIAS_MODE == 2:
-        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
+    bias_ptr = _head_bias(bias_ptr, h, NH, NP, BD, BH, BW, TP, BIAS_MODE, EXP2, ACC)
     if QPP == 1:
         _dq_block(g, q_ptr, k_ptr, v_ptr, bias_ptr, info_ptr, out_ptr, dout_ptr, lse_ptr,
                   delta_ptr, dq_ptr, x0, tok0, stride_x_t, dcol, d_ok, o_d, o_h, o_w, cls, h, D,
@@ -228,22 +219,11 @@ def _window_attention3d_bwd_dkdv_kernel(
 ):
     NQ: tl.constexpr = (N + BLOCK_M - 1) // BLOCK_M
     SHIFTED: tl.constexpr = (SD + SH + SW) > 0
-    pid = tl.program_id(0)
-    h = tl.program_id(1)
-    g = pid % k_groups
-    bw_idx = pid // k_groups
-    nw = NWD * NWH * NWW
-    b = bw_idx // nw
-    o_d, o_h, o_w, cls = _window_origin(bw_idx % nw, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW)
-    dcol = tl.arange(0, BLOCK_D)
-    d_ok = dcol < HD
-    x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
-    tok0 = b.to(tl.int64) * D * H * W
+    g, h, o_d, o_h, o_w, cls, dcol, d_ok, x0, tok0 = _program_window(
+        k_groups, stride_x_b, stride_x_n, D, H, W, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW, HD,
+        BLOCK_D)
     scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
-    if BIAS_MODE == 1:
-        bias_ptr += h.to(tl.int64) * NP * NP
-    elif BIAS_MODE == 2:
-        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
+    bias_ptr = _head_bias(bias_ptr, h, NH, NP, BD, BH, BW, TP, BIAS_MODE, EXP2, ACC)
     PRELOAD: tl.constexpr = (KPP > 1) and (NQ <= MAX_TILES)
     qs, dos = (), ()
     if PRELOAD:  # the window's query tiles q and dO, loaded once (loop-invariant dot operands)

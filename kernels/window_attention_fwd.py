@@ -16,15 +16,15 @@ import triton.language as tl
 
 from .window_attention_tiles import (
     LOG2E,
-    _bias_column,
     _bias_mask,
     _col_info,
     _dot,
     _exp,
+    _head_bias,
+    _program_window,
     _row_info,
     _scales,
     _tokens,
-    _window_origin,
 )
 
 # key tiles a program holds and unrolls (more: a streaming loop)
@@ -126,23 +126,11 @@ def _window_attention3d_fwd_kernel(
     NT: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
     SHIFTED: tl.constexpr = (SD + SH + SW) > 0
     STATIC: tl.constexpr = NT <= MAX_TILES
-    pid = tl.program_id(0)  # query-block group fastest: the programs of a window run together
-    h = tl.program_id(1)
-    g = pid % q_groups
-    bw_idx = pid // q_groups
-    nw = NWD * NWH * NWW
-    b = bw_idx // nw
-    o_d, o_h, o_w, cls = _window_origin(bw_idx % nw, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW)
-    dcol = tl.arange(0, BLOCK_D)
-    d_ok = dcol < HD
-    # int64: B * D * H * W * C of a 3D grid overflows int32
-    x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
-    tok0 = b.to(tl.int64) * D * H * W  # first token of the sample in out / lse
+    g, h, o_d, o_h, o_w, cls, dcol, d_ok, x0, tok0 = _program_window(
+        q_groups, stride_x_b, stride_x_n, D, H, W, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW, HD,
+        BLOCK_D)
     scale, qk_scale = _scales(scale, scale_lo, EXP2, ACC)
-    if BIAS_MODE == 1:
-        bias_ptr += h.to(tl.int64) * NP * NP
-    elif BIAS_MODE == 2:
-        bias_ptr = _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
+    bias_ptr = _head_bias(bias_ptr, h, NH, NP, BD, BH, BW, TP, BIAS_MODE, EXP2, ACC)
     ks, vs = (), ()
     if STATIC:  # the window's keys and values, loaded once (loop-invariant dot operands)
         for j in tl.static_range(NT):

@@ -167,3 +167,40 @@ def _row_info(info_ptr, cls, p, h, NP: tl.constexpr, BIAS_MODE: tl.constexpr):
 def _col_info(info_ptr, cls, p, NP: tl.constexpr):
     """Packed bias/region info of key tokens p."""
     return tl.load(info_ptr + (8 + cls) * NP + p)
+
+
+@triton.jit
+def _program_window(groups, stride_x_b, stride_x_n, D, H, W, NWD, NWH, NWW,
+                    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, SD: tl.constexpr,
+                    SH: tl.constexpr, SW: tl.constexpr, HD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """What a program of the (window x ``groups``, heads) grid works on: its group g within the
+    window (fastest: the programs of a window run together), head h, sample b, the window's
+    first token and class (``_window_origin``), the head-dim columns, the offset x0 of (b, h) in
+    q / k / v (int64: B * D * H * W * C of a 3D grid overflows int32) and tok0, the sample's
+    first token in out / lse."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    g = pid % groups
+    bw_idx = pid // groups
+    nw = NWD * NWH * NWW
+    b = bw_idx // nw
+    o_d, o_h, o_w, cls = _window_origin(bw_idx % nw, NWD, NWH, NWW, WD, WH, WW, SD, SH, SW)
+    dcol = tl.arange(0, BLOCK_D)
+    d_ok = dcol < HD
+    x0 = b.to(tl.int64) * stride_x_b + h * stride_x_n
+    tok0 = b.to(tl.int64) * D * H * W
+    return g, h, o_d, o_h, o_w, cls, dcol, d_ok, x0, tok0
+
+
+@triton.jit
+def _head_bias(bias_ptr, h, NH, NP: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr,
+               BW: tl.constexpr, TP: tl.constexpr, BIAS_MODE: tl.constexpr, EXP2: tl.constexpr,
+               ACC: tl.constexpr):
+    """Head h's bias: its dense (NP, NP) tile (``BIAS_MODE`` 1), its staged table column (2,
+    ``_bias_column``), or the table itself, gathered in place (0)."""
+    if BIAS_MODE == 1:
+        return bias_ptr + h.to(tl.int64) * NP * NP
+    elif BIAS_MODE == 2:
+        return _bias_column(bias_ptr, h, NH, BD, BH, BW, TP, EXP2, ACC)
+    else:
+        return bias_ptr
