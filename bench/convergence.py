@@ -52,6 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from bench import harness as H
+from mae3d.cli import json_object
 from mae3d.data import NiftiVolumeDataset, PatchDataset, step_generator
 from mae3d.errors import NonFiniteLossError, UserError
 from mae3d.masking import random_block_mask, upsample_block_mask
@@ -261,16 +262,6 @@ def run(s: Settings) -> dict:
     return summary
 
 
-def _kw(text: str) -> dict:
-    try:
-        d = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
-    if not isinstance(d, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return d
-
-
 def _positive(text: str) -> int:
     try:
         v = int(text)
@@ -311,8 +302,8 @@ def parse_args(argv: list[str] | None = None) -> Settings:
     p.add_argument("--threads", type=_positive, help="torch.set_num_threads")
     p.add_argument("--out", default=str(H.RESULTS), help="output folder")
     p.add_argument("--cache-dir", help="preprocessed-volume cache (default ~/.cache/mae3d)")
-    p.add_argument("--bertswin-kw", type=_kw, default={}, help="JSON constructor overrides")
-    p.add_argument("--vitmae-kw", type=_kw, default={}, help="JSON constructor overrides")
+    p.add_argument("--bertswin-kw", type=json_object, default={}, help="JSON constructor overrides")
+    p.add_argument("--vitmae-kw", type=json_object, default={}, help="JSON constructor overrides")
     p.add_argument("--quick", action="store_true", help="a few steps on tiny configs (tests)")
     a = p.parse_args(argv)
     if a.threads:

@@ -66,7 +66,8 @@ def _base_type(tp: Any) -> Any:
     return typing.get_origin(tp) or tp
 
 
-def _json_object(text: str) -> dict:
+def json_object(text: str) -> dict:
+    """argparse type: a JSON object (e.g. constructor overrides)."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
@@ -111,7 +112,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, cls) -> None:
         if tp is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
             continue
-        kw["type"] = _json_object if tp is dict else tp
+        kw["type"] = json_object if tp is dict else tp
         if md.get("choices"):
             kw["choices"] = md["choices"]
         kw["metavar"] = md.get("metavar") or ("{" + ",".join(md["choices"]) + "}"
